@@ -30,7 +30,7 @@ from medpmoe.data.datalist import load_datalist
 from medpmoe.data.errors import DataError, check_on_error, problems_message
 from medpmoe.data.kinds import InputKindError, image_kind, kind_mismatch
 from medpmoe.data.readers import IMAGE_SUFFIXES, read_image
-from medpmoe.data.transforms import ScaleUnitd, ToRGBd
+from medpmoe.data.transforms import SOURCE_DTYPE, ScaleUnitd, ToRGBd
 from medpmoe.files import atomic_write, atomic_write_text
 
 SLICES = ("all", "middle")
@@ -97,6 +97,7 @@ def _as_image(x, i: int) -> MetaTensor:
         raise TypeError(f"input {i}: expected a path, a numpy array or a tensor, got {type(x).__name__}")
     img = MetaTensor(t)
     img.meta["filename_or_obj"] = f"<array {i}>"
+    img.meta[SOURCE_DTYPE] = str(x.dtype).removeprefix("torch.")  # 'auto' intensity: uint8 as a picture file
     return img
 
 

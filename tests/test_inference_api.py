@@ -109,3 +109,21 @@ def test_amp_reaches_the_model(trained):
     model = medpmoe.load_model(ckpt)
     fp32, bf16 = medpmoe.predict(model, images[:1])[0], medpmoe.predict(model, images[:1], amp=True)[0]
     assert 0 < float((fp32.probabilities - bf16.probabilities).abs().max()) < 0.05
+
+
+def test_in_memory_images_are_scaled_as_their_files(trained, tmp_path):
+    """A uint8 array as PIL gives it is divided by 255 like the file it came from (not stretched by its own min/max,
+    which a dark frame would show), and a float (C, H, W) tensor already in [0, 1] is taken as it is."""
+    ckpt, images = trained
+    model = medpmoe.load_model(ckpt)
+    dark = (np.asarray(Image.open(images[0]).convert("RGB")) * 0.4).astype(np.uint8)  # values well inside 0..255
+    assert dark.max() < 128
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    from_file = predict(model, [str(tmp_path / "dark.png")])[0]
+    as_float = torch.from_numpy(dark).permute(2, 0, 1).float() / 255
+    for array in (dark, as_float):
+        pred = predict(model, [array])[0]
+        assert torch.allclose(pred.probabilities, from_file.probabilities, atol=1e-5)
+        assert torch.equal(pred.mask, from_file.mask)
+    stretched = predict(model, [dark], intensity="minmax")[0]  # what 'auto' did before: visibly other probabilities
+    assert (stretched.probabilities - from_file.probabilities).abs().max() > 1e-2

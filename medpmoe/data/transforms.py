@@ -108,9 +108,27 @@ class ToRGBd(MapTransform):
         return d
 
 
+#: meta key of in-memory images (`medpmoe.predict` on numpy arrays or tensors): the dtype they came in.
+SOURCE_DTYPE = "source_dtype"
+
+
+def _auto_intensity(x) -> str:
+    """'uint8' for 8-bit pictures, read from a file (PNG, JPEG, TIFF, ...) or given in memory as uint8; 'unit' for
+    in-memory float images already in [0, 1]; else 'minmax'."""
+    dtype = x.meta.get(SOURCE_DTYPE) if isinstance(x, MetaTensor) else None
+    in_range = lambda hi: bool(x.min() >= 0 and x.max() <= hi)  # noqa: E731
+    if dtype is not None:
+        if dtype == "uint8":
+            return "uint8"
+        return "unit" if dtype.startswith(("float", "bfloat")) and in_range(1) else "minmax"
+    name = _name(x)
+    pil = not name.startswith("<") and reader_kind(name) in ("pil", "tiff")
+    return "uint8" if pil and in_range(255) else "minmax"
+
+
 class ScaleUnitd(MapTransform):
     """Intensities to [0, 1]: CT window (center, width), or 'uint8' (/255), 'minmax', 'auto' (uint8 for 8-bit
-    pictures: PNG, JPEG, TIFF, ...; else minmax)."""
+    pictures, from a file or a uint8 array; in-memory float images in [0, 1] as they are; else minmax)."""
 
     def __init__(self, keys, intensity: str = "auto", window: Sequence[float] | None = None):
         """window=(center, width) overrides intensity."""
@@ -132,10 +150,10 @@ class ScaleUnitd(MapTransform):
             else:
                 mode = self.intensity
                 if mode == "auto":
-                    name = _name(x)
-                    pil = not name.startswith("<") and reader_kind(name) in ("pil", "tiff")
-                    mode = "uint8" if pil and x.min() >= 0 and x.max() <= 255 else "minmax"
-                if mode == "uint8":
+                    mode = _auto_intensity(d[key])
+                if mode == "unit":
+                    x = x.clamp(0, 1)
+                elif mode == "uint8":
                     x = (x / 255.0).clamp(0, 1)
                 else:
                     lo, hi = x.min(), x.max()
