@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,11 +269,26 @@ def _save(saver: SaveImage, img: MetaTensor, target: Path, ext: str) -> Path:
     return atomic_write(f"{target}{ext}", lambda tmp: saver(img, filename=tmp[: -len(ext)]), to_path=True)
 
 
-def write_masks(pred: Prediction, out_dir: Path, rel: Path, num_classes: int,
+def output_stems(sources: Sequence[str]) -> list[Path]:
+    """Where each input's outputs go, relative to the output folder and without suffix: files keep their folders
+    below the inputs' common folder and their stem (`images/a.png` -> `images/a`); in-memory images are `array_<i>`.
+    Inputs that would share a stem (`a.jpg` beside `a.png`) keep their extension in it (`a_jpg`, `a_png`), so no
+    output replaces another."""
+    in_memory = [str(s).startswith("<array ") for s in sources]
+    folders = [str(Path(s).parent) for s, mem in zip(sources, in_memory) if not mem]
+    root = Path(os.path.commonpath(folders)) if folders else Path()
+    stems = [Path("array_" + s[len("<array "):-1]) if mem else Path(s).relative_to(root).with_name(_stem(s))
+             for s, mem in zip(sources, in_memory)]
+    counts = Counter(stems)
+    return [stem.with_name(Path(s).name.replace(".", "_")) if counts[stem] > 1 and not mem else stem
+            for stem, s, mem in zip(stems, sources, in_memory)]
+
+
+def write_masks(pred: Prediction, out_dir: Path, stem: Path, num_classes: int,
                 probabilities: bool = False) -> list[Path]:
     """`<stem>_seg.nii.gz` (class indices, the source affine) for every input and `<stem>_seg.png` for 2-D inputs
     (binary: 0/255, else class index); `<stem>_prob.nii.gz` (float32, channel last) when `probabilities`."""
-    target = out_dir / rel.parent / f"{_stem(pred.source)}_seg"
+    target = out_dir / stem.parent / f"{stem.name}_seg"
     common = dict(output_postfix="", resample=False, separate_folder=False, print_log=False)
     written = [_save(SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, **common), pred.mask, target, ".nii.gz")]
     if pred.slices is None:
@@ -280,9 +296,10 @@ def write_masks(pred: Prediction, out_dir: Path, rel: Path, num_classes: int,
         png.set_options(write_kwargs={"reverse_indexing": False})  # the mask is (row, column) already
         written.append(_save(png, pred.mask, target, ".png"))
     if probabilities:
-        prob = MetaTensor(pred.probabilities, affine=pred.mask.affine, meta=dict(pred.mask.meta))
+        meta = {k: v for k, v in pred.mask.meta.items() if k != "affine"}  # the affine is given once
+        prob = MetaTensor(pred.probabilities, affine=pred.mask.affine, meta=meta)
         saver = SaveImage(output_ext=".nii.gz", output_dtype=np.float32, **common)
-        written.append(_save(saver, prob, target.with_name(f"{_stem(pred.source)}_prob"), ".nii.gz"))
+        written.append(_save(saver, prob, target.with_name(f"{stem.name}_prob"), ".nii.gz"))
     return written
 
 
@@ -304,7 +321,7 @@ def save_predictions(preds: Sequence[Prediction], output_dir: str | os.PathLike,
     """Write `predict`'s results (those without `error`) under output_dir: for segmentation `<stem>_seg.nii.gz`
     (class indices; source affine: a DICOM's spacing and position, a NIfTI's affine, the ITK picture affine for
     pictures) and, for 2-D inputs, `<stem>_seg.png` (binary 0/255, else class index), at the input's original
-    (H, W[, D]), in the inputs' relative folders (`<stem>_prob.nii.gz` too with `save_probabilities`); for
+    (H, W[, D]), named by `output_stems` (`<stem>_prob.nii.gz` too with `save_probabilities`); for
     classification `probabilities.csv` (image[, slice], one column per class, prediction). Returns the paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,11 +329,9 @@ def save_predictions(preds: Sequence[Prediction], output_dir: str | os.PathLike,
     if not good:
         return []
     if good[0].mask is not None:
-        root = Path(os.path.commonpath([str(Path(p.source).parent) for p in good]))
         written: list[Path] = []
-        for p in good:
-            written += write_masks(p, out, Path(p.source).relative_to(root), p.probabilities.shape[0],
-                                   save_probabilities)
+        for p, stem in zip(good, output_stems([p.source for p in good])):
+            written += write_masks(p, out, stem, p.probabilities.shape[0], save_probabilities)
         return written
     names = class_names or [str(c) for c in range(good[0].probabilities.shape[-1])]
     atomic_write_text(out / "probabilities.csv", _probability_rows(good, names))

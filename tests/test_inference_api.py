@@ -127,3 +127,32 @@ def test_in_memory_images_are_scaled_as_their_files(trained, tmp_path):
         assert torch.equal(pred.mask, from_file.mask)
     stretched = predict(model, [dark], intensity="minmax")[0]  # what 'auto' did before: visibly other probabilities
     assert (stretched.probabilities - from_file.probabilities).abs().max() > 1e-2
+
+
+def test_no_output_replaces_another(trained, tmp_path):
+    """`a.png` beside `a.jpg` (one frame saved twice, then one of them flipped) get one mask each, at their own
+    orientation; in-memory images get plain file names; probabilities are written without MONAI's double-affine
+    warning."""
+    import warnings
+
+    from medpmoe.inference import save_predictions
+
+    ckpt, images = trained
+    model = medpmoe.load_model(ckpt)
+    frame = np.asarray(Image.open(images[0]).convert("RGB"))
+    (tmp_path / "in").mkdir()
+    Image.fromarray(frame).save(tmp_path / "in" / "a.png")
+    Image.fromarray(np.ascontiguousarray(frame[::-1])).save(tmp_path / "in" / "a.jpg", quality=100)
+    run_inference(model, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "a_seg.png").exists()
+    written = {}
+    for ext in ("png", "jpg"):
+        written[ext] = np.asarray(Image.open(tmp_path / "out" / f"a_{ext}_seg.png"))
+        alone = predict(model, [str(tmp_path / "in" / f"a.{ext}")])[0].mask[0].numpy()
+        assert np.array_equal(written[ext], alone * 255)  # each file holds its own input's mask
+    assert (written["png"] != written["jpg"]).mean() > 0.01  # two predictions, not one written twice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = save_predictions(predict(model, [frame, frame]), tmp_path / "arrays", save_probabilities=True)
+    assert sorted(p.name for p in written) == ["array_0_prob.nii.gz", "array_0_seg.nii.gz", "array_0_seg.png",
+                                               "array_1_prob.nii.gz", "array_1_seg.nii.gz", "array_1_seg.png"]
