@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -80,8 +81,45 @@ def test_two_fold_cv_tracks_folds_under_a_parent_and_resumes(tmp_path, monkeypat
     main(["--config_file", str(CONFIG), "--datalist", str(datalist), "--output_dir", str(out), "--k", "2",
           *[x for k, v in overrides.items() for x in (f"--{k}", str(v))]])
     printed = capsys.readouterr().out
-    assert printed.count("done already, skipped") == 2 and "val_mean_iou" in printed
+    assert printed.count("done already with these settings, skipped") == 2 and "val_mean_iou" in printed
     assert len(client.search_runs([parent.info.experiment_id])) == 3  # no fold retrained
+    args = ["--config_file", str(CONFIG), "--datalist", str(datalist), "--output_dir", str(out), "--k", "2",
+            *[x for k, v in {**overrides, "num_epochs": 1}.items() for x in (f"--{k}", str(v))]]
+    with pytest.raises(SystemExit) as stop:  # the old results are not reported under the new setting
+        main(args)
+    assert str(stop.value).startswith("error: RunMismatchError: ") and "training.num_epochs: 2 -> 1" in str(stop.value)
+    assert "--fresh_start True" in str(stop.value) and len(client.search_runs([exp.experiment_id])) == 3
+    res = main([*args, "--fresh_start", "True"])  # every fold retrained, under a new parent
+    assert [r["epochs"] for r in res["folds"]] == [1, 1] and res["parent_run_id"] != parent.info.run_id
+    assert len(list((out / "fold_0" / "previous_runs").glob("*/results.json"))) == 1
+    new = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
+    assert sorted(r.info.status for r in new) == ["FINISHED", "FINISHED"]
+    assert {r.info.run_id for r in new} == set(res["fold_run_ids"])
+
+
+def test_cv_of_a_named_task_logs_every_fold_under_its_parent(tmp_path, monkeypatch):
+    """With --task_name the experiment name comes from an override: parent and fold runs share that experiment,
+    and each fold run is the one its training logged into (FINISHED, with metrics)."""
+    from medpmoe.crossval.runner import _config_value
+    from medpmoe.bundle.demo_cls import make_synthetic_classification
+
+    config = REPO_ROOT / "bundles" / "medvtab_cls" / "train.json"
+    assert _config_value(config, "experiment_name", {"task_name": "pneumoniamnist"}) == "medvtab_cls_pneumoniamnist"
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    datalist = make_synthetic_classification(tmp_path / "data", num_images=12, size=32)
+    doc = json.loads(datalist.read_text())
+    del doc["synthetic"]  # a user's datalist
+    datalist.write_text(json.dumps(doc))
+    res = run_cross_validation(config, datalist, tmp_path / "cv", k=2,
+                               overrides={"num_epochs": 1, "image_size": 32, "batch_size": 6,
+                                          "task_name": "pneumoniamnist"})
+    client = mlflow.MlflowClient(uri)
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["medvtab_cls_pneumoniamnist"]
+    runs = client.search_runs([client.get_experiment_by_name("medvtab_cls_pneumoniamnist").experiment_id])
+    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res["parent_run_id"]]
+    assert len(runs) == 3 and {r.info.run_id for r in folds} == set(res["fold_run_ids"])
+    assert all(r.info.status == "FINISHED" and "val_auc" in r.data.metrics for r in folds)
 
 
 def test_all_background_baseline_on_shared_kvasir(shared_data, tmp_path):
@@ -107,3 +145,24 @@ def test_a_failing_fold_is_marked_failed_and_not_done(tmp_path, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("kvasir_seg").experiment_id])
     assert [r.info.status for r in runs if r.data.tags.get("medpmoe.cv") == "fold"] == ["FAILED"]
     assert [r.info.status for r in runs if r.data.tags.get("medpmoe.cv") == "parent"] == ["FAILED"]
+
+
+def test_an_infeasible_k_ends_the_command_with_one_line(tmp_path, capsys):
+    """A user's mistake (too few images of a class for k folds) ends with its message alone: no traceback, no
+    sklearn warning, no MLflow run."""
+    from medpmoe.bundle.demo_cls import make_synthetic_classification
+
+    datalist = make_synthetic_classification(tmp_path / "data", num_images=12, size=32)
+    doc = json.loads(datalist.read_text())
+    doc["training"] = [it for it in doc["training"] if it["label"] == 0] + \
+        [it for it in doc["training"] if it["label"] == 1][:2]
+    datalist.write_text(json.dumps(doc))
+    config = REPO_ROOT / "bundles" / "medvtab_cls" / "train.json"
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as stop:
+        warnings.simplefilter("always")
+        main(["--config_file", str(config), "--datalist", str(datalist), "--output_dir", str(tmp_path / "cv"),
+              "--k", "3"])
+    message = str(stop.value)
+    assert message.startswith("error: DataError: ") and "Largest feasible k: 2" in message and "\n" not in message
+    assert not [w for w in caught if "least populated" in str(w.message)]
+    assert not (tmp_path / "cv" / "mlruns.db").exists()

@@ -37,6 +37,29 @@ def medpmoe_cause(exc: BaseException) -> BaseException | None:
     return found
 
 
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the user's input is wrong (data, config, expert or checkpoint file, an
+    output folder holding another run), or None for anything else (a bug: keep its traceback)."""
+    from medpmoe.data.errors import DataError
+    from medpmoe.experts.checkpoints import ExpertCheckpointError
+    from medpmoe.models.loading import ModelLoadError
+    from medpmoe.training.checkpoint import CheckpointMismatchError
+    from medpmoe.training.run_identity import RunMismatchError
+
+    cause = medpmoe_cause(exc) or exc
+    kinds = (DataError, ConfigError, ExpertCheckpointError, ModelLoadError, CheckpointMismatchError, RunMismatchError)
+    return cause if isinstance(cause, kinds) else None
+
+
+def exit_on_user_error(exc: BaseException) -> None:
+    """For command lines: a user error ends the process with its message alone (exit code 1, no traceback);
+    return otherwise (the caller re-raises)."""
+    cause = user_error(exc)
+    if cause is not None:
+        close_progress_bars()
+        raise SystemExit(f"error: {_describe(cause)}") from None
+
+
 def _describe(exc: BaseException) -> str:
     message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
     return f"{type(exc).__qualname__}: {message}"

@@ -54,6 +54,29 @@ def model_from_checkpoint(checkpoint: str | Path, expert_files=None, device="cpu
     return load_model(path, expert_files=expert_files, device=device)
 
 
+def _workflow(config_files: str | Path | Sequence[str | Path], **overrides) -> ConfigWorkflow:
+    files = [str(config_files)] if isinstance(config_files, (str, Path)) else [str(f) for f in config_files]
+    meta = Path(files[0]).parent / "metadata.json"
+    return ConfigWorkflow(config_file=files, meta_file=str(meta) if meta.is_file() else None, workflow_type=None,
+                          **overrides)
+
+
+def output_state(config_files: str | Path | Sequence[str | Path], **overrides):
+    """What a training run of these configs would do with its output folder, without training: the config is
+    checked (`check_parser`) and the recipe's `run_start` decides (`medpmoe.training.start_run`: `.status` 'new',
+    'resume' or 'finished'); a folder holding a run of another configuration raises RunMismatchError naming the
+    keys, and `fresh_start=True` moves that run aside, as the run itself would."""
+    from medpmoe.bundle.config_check import check_parser
+
+    wf = _workflow(config_files, **overrides)
+    check_parser(wf.parser)
+    try:
+        return wf.parser.get_parsed_content("run_start")
+    except Exception as err:
+        summary_note(err)
+        raise
+
+
 def run_bundle(config_files: str | Path | Sequence[str | Path], tracking: bool = True, **overrides) -> ConfigWorkflow:
     """initialize / run / finalize the merged `config_files` with `overrides` (config keys, '#' for nesting).
 
@@ -61,10 +84,7 @@ def run_bundle(config_files: str | Path | Sequence[str | Path], tracking: bool =
     access to every component (e.g. `wf.parser.get_parsed_content('validate#evaluator')`). A failure inside the
     config (which MONAI wraps in RuntimeError) carries medpmoe's own error as its last note.
     """
-    files = [str(config_files)] if isinstance(config_files, (str, Path)) else [str(f) for f in config_files]
-    meta = Path(files[0]).parent / "metadata.json"
-    wf = ConfigWorkflow(config_file=files, meta_file=str(meta) if meta.is_file() else None, workflow_type=None,
-                        **overrides)
+    wf = _workflow(config_files, **overrides)
     if not tracking:
         drop_tracking(wf)
     try:

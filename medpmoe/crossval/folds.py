@@ -95,7 +95,9 @@ def make_folds(datalist: str | Path | list[dict], k: int = 5, seed: int = 0, tas
     y = np.array(keys) if keys is not None else None
     fold_of = np.full(len(raw), -1)
     try:
-        splits = list(splitter.split(X, y, groups))
+        with warnings.catch_warnings():  # strata smaller than k: the class check below says what that means
+            warnings.filterwarnings("ignore", "The least populated class in y", UserWarning)
+            splits = list(splitter.split(X, y, groups))
     except ValueError as e:
         if keys is None:
             raise DataError(f"{source or 'datalist'}: cannot make {k} folds ({e})") from e

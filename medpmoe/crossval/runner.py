@@ -52,6 +52,7 @@ def _config_value(config_file, key: str, overrides: dict, default=None):
 
     parser = ConfigParser()
     parser.read_config(config_file)
+    parser.update(overrides)  # e.g. an experiment name made from --task_name
     return parser.get_parsed_content(key) if key in parser else default
 
 
@@ -60,10 +61,11 @@ BOOKKEEPING = ("epochs", "iterations", "best_epoch")
 
 
 class _Tracker:
-    """The parent MLflow run of one cross-validation (kept in `cv_state.json` so a resumed CV reuses it) and its
-    fold runs (each recorded in `fold_<i>/mlflow_run.json`, which the fold's training continues)."""
+    """The parent MLflow run of one cross-validation (kept in `cv_state.json` so a resumed CV with the same
+    settings reuses it; other settings or `new_parent` start another) and its fold runs (each recorded in
+    `fold_<i>/mlflow_run.json`, which the fold's training continues)."""
 
-    def __init__(self, output_dir: Path, experiment_name: str, params: dict) -> None:
+    def __init__(self, output_dir: Path, experiment_name: str, params: dict, new_parent: bool = False) -> None:
         import mlflow
 
         from medpmoe.tracking.run import end_abandoned_runs, mark_experiment_kind, process_tags, source_tags
@@ -79,8 +81,9 @@ class _Tracker:
         mark_experiment_kind(self.client, self.client.get_experiment(self.exp_id))
         state_path = output_dir / STATE_FILE
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        params = json.loads(json.dumps(params, default=str))
         run = None
-        if state.get("parent_run_id"):
+        if state.get("parent_run_id") and not new_parent and state.get("params", params) == params:
             try:
                 run = self.client.get_run(state["parent_run_id"])
                 run = None if run.info.lifecycle_stage != "active" else run
@@ -91,7 +94,8 @@ class _Tracker:
             name = f"cv_{time.strftime('%Y%m%d_%H%M%S')}"
             run = self.client.create_run(self.exp_id, run_name=name, tags={"medpmoe.cv": "parent", **tags})
             self.client.log_batch(run.info.run_id, params=_mlflow_params(scrub_params(params)))
-            atomic_write_text(state_path, json.dumps({"parent_run_id": run.info.run_id, "tracking_uri": self.uri}))
+            atomic_write_text(state_path, json.dumps({"parent_run_id": run.info.run_id, "tracking_uri": self.uri,
+                                                      "params": params}))
         else:  # a resumed cross-validation continues its parent run
             self.client.update_run(run.info.run_id, status="RUNNING")
             for k, v in tags.items():
@@ -178,6 +182,21 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _fold_finished(config_file, overrides: dict, resume: bool) -> bool:
+    """Whether the fold's folder holds a finished run of exactly this configuration, by the bundle's own check
+    (`medpmoe.bundle.output_state`): another configuration raises RunMismatchError naming the keys; `fresh_start`
+    (or no `resume`, for a finished fold) moves the earlier run's files to `previous_runs/` first."""
+    from medpmoe.bundle.workflow import output_state
+    from medpmoe.training.run_identity import IDENTITY_FILE
+
+    out = Path(overrides["output_dir"])
+    if not (out / IDENTITY_FILE).is_file():  # never started
+        return False
+    if not resume and (out / "results.json").is_file():
+        overrides = {**overrides, "fresh_start": True}
+    return output_state(config_file, **overrides).finished
+
+
 def run_fold(config_file, overrides: dict) -> None:
     """Run one bundle training workflow in-process (initialize, run, finalize) with config overrides."""
     from medpmoe.bundle.workflow import run_bundle
@@ -187,25 +206,33 @@ def run_fold(config_file, overrides: dict) -> None:
 
 def run_cross_validation(config_file, datalist: str | Path, output_dir: str | Path, k: int = 5, seed: int = 0,
                          overrides: dict | None = None, resume: bool = True) -> dict:
-    """Train the bundle on each of k folds (skipping folds whose results.json exists when `resume`), track one MLflow
-    run per fold under a parent run, and write `output_dir/cv_results.json` with mean ± std per metric."""
+    """Train the bundle on each of k folds, track one MLflow run per fold under a parent run, and write
+    `output_dir/cv_results.json` with mean ± std per metric.
+
+    A fold that already holds a finished run of exactly this configuration is skipped (with `resume`; else it is
+    trained again, its earlier files moved to `previous_runs/`); one holding a run of other settings stops the
+    cross-validation with the differing keys (`fresh_start=True` in `overrides` retrains every fold)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     folds_file = folds_for(datalist, output_dir, k, seed)
     experiment = _config_value(config_file, "experiment_name", overrides, "medpmoe_cv")
-    params = {"config_file": str(config_file), "datalist": str(datalist), "k": k, "seed": seed, **overrides}
+    params = {"config_file": str(config_file), "datalist": str(datalist), "k": k, "seed": seed,
+              **{key: v for key, v in overrides.items() if key not in ("fresh_start", "resume_changed")}}
     from medpmoe.tracking.run import RUN_FILE, read_run_file
 
-    tracker = _Tracker(output_dir, experiment, params)
+    fold_dirs = [output_dir / f"fold_{i}" for i in range(k)]
+    fold_overrides = [{**overrides, "datalist": str(datalist), "folds_file": str(folds_file), "fold": i,
+                       "output_dir": str(fold_dir)} for i, fold_dir in enumerate(fold_dirs)]
+    finished = [_fold_finished(config_file, o, resume) for o in fold_overrides]  # all decided before any tracking
+    tracker = _Tracker(output_dir, experiment, params, new_parent=bool(overrides.get("fresh_start")))
     folds = load_folds(folds_file)
     tracker.dataset(datalist, folds_file, [f["val"] for f in folds["folds"]])
     fold_results, run_ids = [], []
-    for i in range(k):
-        fold_dir = output_dir / f"fold_{i}"
+    for i, fold_dir in enumerate(fold_dirs):
         res_path = fold_dir / "results.json"
-        if resume and res_path.is_file():
-            print(f"[fold {i + 1}/{k}] done already, skipped ({res_path})", flush=True)
+        if finished[i]:
+            print(f"[fold {i + 1}/{k}] done already with these settings, skipped ({res_path})", flush=True)
             fold_results.append(json.loads(res_path.read_text()))
             run_ids.append((read_run_file(fold_dir / RUN_FILE) or {}).get("run_id"))
             continue
@@ -213,8 +240,7 @@ def run_cross_validation(config_file, datalist: str | Path, output_dir: str | Pa
         t0 = time.time()
         run = tracker.fold_run(i, fold_dir)
         try:
-            run_fold(config_file, {**overrides, "datalist": str(datalist), "folds_file": str(folds_file), "fold": i,
-                                   "output_dir": str(fold_dir), "run_name": run.info.run_name,
+            run_fold(config_file, {**fold_overrides[i], "fresh_start": False, "run_name": run.info.run_name,
                                    "tracking_uri": tracker.uri})
         except BaseException as err:
             tracker.ended(run.info.run_id, err)
@@ -277,13 +303,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_resume", action="store_true", help="retrain folds that already have results.json")
+    p.add_argument("--no_resume", action="store_true",
+                   help="retrain folds that already have results.json (their files are moved to previous_runs/)")
     args, extra = p.parse_known_args(argv)
     if len(extra) % 2 or not all(a.startswith("--") for a in extra[::2]):
         p.error(f"overrides must be '--key value' pairs, got {extra}")
     overrides = {a[2:]: _value(v) for a, v in zip(extra[::2], extra[1::2])}
-    return run_cross_validation(_config_files(args.config_file), args.datalist, args.output_dir, args.k, args.seed,
-                                overrides, resume=not args.no_resume)
+    try:
+        return run_cross_validation(_config_files(args.config_file), args.datalist, args.output_dir, args.k,
+                                    args.seed, overrides, resume=not args.no_resume)
+    except Exception as err:
+        from medpmoe.bundle.errors import exit_on_user_error
+
+        exit_on_user_error(err)
+        raise
 
 
 if __name__ == "__main__":
