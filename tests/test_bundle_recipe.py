@@ -104,6 +104,8 @@ def test_cli_refuses_a_misspelled_key_and_a_float_epoch_count_first(tmp_path):
         ({"dataset_dir": "/data/skin"}, "config key 'dataset_dir' is the folder of the datalist in use, not a setting"),
         ({"batch_size": 0}, "config key 'batch_size' must be at least 1, got 0"),
         ({"checkpoint": "best.pt"}, "config key 'checkpoint' is unknown to this workflow"),  # evaluate/inference only
+        ({"class_balance": "balanced"}, "config key 'class_balance': unknown class_balance 'balanced' (known: none, "
+                                        "loss, sampler)"),
     ],
 )
 def test_config_mistakes_end_with_medpmoe_error_naming_the_key(overrides, expected, tmp_path, monkeypatch):
@@ -112,7 +114,7 @@ def test_config_mistakes_end_with_medpmoe_error_naming_the_key(overrides, expect
         run_bundle(str(REPO_ROOT / "bundles" / "medvtab_cls" / "train.json"), tracking=False,
                    **{**TINY, **overrides, "output_dir": str(tmp_path)})
     assert info.value.__notes__[-1].startswith("ConfigError: " + expected)
-    assert not (tmp_path / "synthetic_data").exists()
+    assert not (tmp_path / "synthetic_data").exists() and not (tmp_path / "run.json").exists()
 
 
 def test_missing_checkpoint_names_the_key(tmp_path, monkeypatch):

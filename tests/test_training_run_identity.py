@@ -66,11 +66,45 @@ def test_fresh_start_moves_the_old_run_aside(tmp_path, model):
     assert json.loads((moved[0] / "results.json").read_text()) == {"old": 1}
 
 
+def test_a_run_that_saved_nothing_does_not_block_the_corrected_command(tmp_path, model, capsys):
+    """A bad value that stopped the first run before its first checkpoint: the corrected command starts (the
+    aborted run's files kept aside); once a checkpoint exists, a change is refused again."""
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    out = tmp_path / "run"
+    start_run(out, _identity(model, datalist, class_balance="balanced"))
+    (out / "checkpoints").mkdir()  # created empty by the checkpoint handler
+    started = start_run(out, _identity(model, datalist, class_balance="sampler"))
+    assert started.status == "new" and "stopped before saving a checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["training"]["class_balance"] == "sampler"
+    assert len(list((out / "previous_runs").glob("*/run.json"))) == 1
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "checkpoints" / "last.pt").write_text("epoch 1")
+    with pytest.raises(RunMismatchError, match="training.class_balance: 'sampler' -> 'loss'"):
+        start_run(out, _identity(model, datalist, class_balance="loss"))
+
+
+def test_fresh_start_moves_a_checkpoint_folder_outside_the_output_folder(tmp_path, model):
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    out, ckpt = tmp_path / "run", tmp_path / "elsewhere" / "ckpt"
+    start_run(out, _identity(model, datalist), checkpoint_dir=str(ckpt))
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.pt").write_text("old")
+    with pytest.raises(RunMismatchError):  # the checkpoint there counts as a trained run
+        start_run(out, _identity(model, datalist, learning_rate=0.5), checkpoint_dir=str(ckpt))
+    start_run(out, _identity(model, datalist, learning_rate=0.5), fresh_start=True, checkpoint_dir=str(ckpt))
+    assert not ckpt.exists()  # a new run cannot resume the old last.pt
+    assert [p.read_text() for p in (out / "previous_runs").glob("*/checkpoints/last.pt")] == ["old"]
+
+
 def test_resume_changed_accepts_training_settings_only(tmp_path, model):
     datalist = tmp_path / "d.json"
     datalist.write_text("{}")
     out = tmp_path / "run"
     start_run(out, _identity(model, datalist, learning_rate=1e30))
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").write_text("diverged")
     started = start_run(out, _identity(model, datalist, learning_rate=1e-4), resume_changed=True)
     assert started.status == "resume" and set(started.changed) == {"training.learning_rate"}
     other = build_model(TINY, num_classes=2, num_tokens=3)

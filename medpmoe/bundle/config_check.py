@@ -169,7 +169,7 @@ def _check_values(parser: ConfigParser, config: dict) -> None:
 
 
 def _check_choices(config: dict) -> None:
-    from medpmoe.bundle.data import DEMOS
+    from medpmoe.bundle.data import CLASS_BALANCE, DEMOS, ITEM_SETS
     from medpmoe.dispatch.mlp import DISPATCHERS
     from medpmoe.models.factory import BASELINES
     from medpmoe.prompts import METHODS
@@ -177,7 +177,8 @@ def _check_choices(config: dict) -> None:
     import medpmoe.dispatch  # noqa: F401  (registers moe_mlp)
 
     choices = {"method": sorted(METHODS) + list(BASELINES), "dispatcher": sorted(DISPATCHERS),
-               "task": ["classification", "segmentation"], "demo_kind": list(DEMOS)}
+               "task": ["classification", "segmentation"], "demo_kind": list(DEMOS),
+               "class_balance": list(CLASS_BALANCE), "eval_split": list(ITEM_SETS)}
     from medpmoe.prompts.registry import DEPRECATED
 
     for key, allowed in choices.items():

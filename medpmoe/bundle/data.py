@@ -16,6 +16,8 @@ install_excepthook()  # bundle runs: a DataError is the last line printed, never
 DEMOS = ("polyp", "lesion", "classification")
 SPLITS = ("train", "val", "test")
 CLASS_BALANCE = ("none", "loss", "sampler")
+#: what `split_items` can return: an item split, or every item
+ITEM_SETS = (*SPLITS, "all")
 
 
 def datalist_or_demo(datalist: str | None, demo_root: str, kind: str = "polyp", demo_images: int = 48,
@@ -116,7 +118,7 @@ def split_items(datalist: str, split: str, val_fraction: float = 0.2, seed: int 
     from medpmoe.data import load_datalist, read_datalist_file
     from medpmoe.data.datalist import resolve_item
 
-    if split not in ("train", "val", "all", "test"):
+    if split not in ITEM_SETS:
         raise ValueError(f"split must be 'train', 'val', 'all' or 'test', got {split!r}")
     doc = read_datalist_file(datalist)
     task = task or doc.get("task")

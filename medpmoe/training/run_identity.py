@@ -83,23 +83,32 @@ def _describe(diff: dict, limit: int = 8) -> str:
     return "\n".join(lines)
 
 
-def _move_aside(out: Path) -> Path:
-    """Move the previous run's files into `previous_runs/<timestamp>/` (nothing is deleted)."""
+def _move_aside(out: Path, checkpoint_dir: Path) -> Path:
+    """Move the previous run's files and checkpoints into `previous_runs/<timestamp>/` (nothing is deleted)."""
     dest = out / "previous_runs" / time.strftime("%Y%m%d_%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         if (out / name).exists():
             shutil.move(str(out / name), str(dest / name))
+    if checkpoint_dir.exists():  # a checkpoint folder set outside the output folder
+        shutil.move(str(checkpoint_dir), str(dest / "checkpoints"))
     return dest
 
 
-def start_run(output_dir: str, identity: dict, fresh_start: bool = False, resume_changed: bool = False) -> RunStart:
+def _trained_anything(out: Path, checkpoint_dir: Path) -> bool:
+    return (out / "results.json").is_file() or (checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()))
+
+
+def start_run(output_dir: str, identity: dict, fresh_start: bool = False, resume_changed: bool = False,
+              checkpoint_dir: str | None = None) -> RunStart:
     """Check `identity` against the run recorded in `output_dir` and record it; see the module docstring.
 
     `fresh_start=True` moves an earlier run's files aside and starts over; `resume_changed=True` resumes the
     last checkpoint although training settings changed (e.g. a lower learning rate after a divergence): the data
-    and the model must still be the same."""
+    and the model must still be the same. `checkpoint_dir` (default `output_dir/checkpoints`): where the run's
+    checkpoints are. A recorded run that saved nothing (it stopped before its first checkpoint) is replaced."""
     out = Path(output_dir)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     path = out / IDENTITY_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
     status, diff = "new", {}
@@ -108,8 +117,12 @@ def start_run(output_dir: str, identity: dict, fresh_start: bool = False, resume
         if not diff:
             status = "finished" if (out / "results.json").is_file() else "resume"
         elif fresh_start:
-            dest = _move_aside(out)
+            dest = _move_aside(out, ckpt)
             print(f"fresh start: the previous run in {out} was moved to {dest}", flush=True)
+        elif not _trained_anything(out, ckpt):  # e.g. a bad value stopped it: nothing to protect
+            dest = _move_aside(out, ckpt)
+            print(f"the earlier run in {out} stopped before saving a checkpoint (its files: {dest}); starting with "
+                  "these settings:\n" + _describe(diff), flush=True)
         elif resume_changed and all(k.startswith("training.") for k in diff):
             status = "resume"
             (out / "results.json").unlink(missing_ok=True)
@@ -121,8 +134,8 @@ def start_run(output_dir: str, identity: dict, fresh_start: bool = False, resume
                 f"{out} holds a run with another configuration ({how}differing keys, recorded -> now):\n"
                 f"{_describe(diff)}\nEither train into a new folder (--output_dir <new folder>) or start over here "
                 f"with --fresh_start True (the previous run's files are moved to {out / 'previous_runs'}/)")
-    elif fresh_start and any((out / n).exists() for n in RUN_FILES):
-        _move_aside(out)
+    elif fresh_start and (any((out / n).exists() for n in RUN_FILES) or ckpt.exists()):
+        _move_aside(out, ckpt)
     if status != "finished":
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(identity, indent=1))
