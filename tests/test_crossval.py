@@ -120,6 +120,7 @@ def test_cv_of_a_named_task_logs_every_fold_under_its_parent(tmp_path, monkeypat
     folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res["parent_run_id"]]
     assert len(runs) == 3 and {r.info.run_id for r in folds} == set(res["fold_run_ids"])
     assert all(r.info.status == "FINISHED" and "val_auc" in r.data.metrics for r in folds)
+    assert sorted(r.data.params["fold"] for r in folds) == ["0", "1"]
 
 
 def test_all_background_baseline_on_shared_kvasir(shared_data, tmp_path):

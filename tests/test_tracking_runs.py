@@ -195,6 +195,7 @@ def test_the_evaluation_run_is_finished_linked_and_uses_the_training_artifact_pa
     assert evaluation.info.status == "FINISHED"
     assert evaluation.data.tags["mlflow.parentRunId"] == train.info.run_id  # nested under it in the UI
     assert {k: v for k, v in train.data.params.items()} .items() <= evaluation.data.params.items()
+    assert "fold" not in train.data.params and train.data.params["learning_rate"]  # no folds file: no fold
     assert "val_mean_dice" in evaluation.data.metrics
     figures = {"plots/segmentation_overlays.png", "plots/routing_heatmap.png", "checkpoint/best.pt",
                "config/config.json", "parameters.json"}

@@ -121,10 +121,11 @@ def _recorded_run(output_dir: str) -> dict | None:
 
 
 def run_params(datalist: str, **params) -> dict:
-    """Run parameters for tracking: the given config values plus the datalist's sha256 and the git commit."""
+    """Run parameters for tracking: the given config values (None ones left out, e.g. the fold of a run without a
+    folds file) plus the datalist's sha256 and the git commit."""
     import subprocess
 
-    out = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
+    out = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items() if v is not None}
     out["data_sha256"] = file_sha256(datalist)[:16]
     try:
         out["git_commit"] = subprocess.run(
