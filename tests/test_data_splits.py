@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from types import SimpleNamespace
 
@@ -77,6 +78,7 @@ def test_official_splits_are_honoured(shared_data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         val, test, train = split_items(dl, "val"), split_items(dl, "test"), split_items(dl, "train")
     assert "1 patient(s) in both the training and the validation items" in caplog.text  # official split: said
+    assert caplog.text.count("in both") == 1 and doc["training"][0]["patient_id"] not in caplog.text  # once, no id
     assert [it["label"] for it in val] == [int(real["train_labels"][both[0], 0])] + real["val_labels"][1:6, 0].tolist()
     assert len(test) == 8 and len(train) == 12 and all(it["split"] == "train" for it in train)
     assert main(["medmnist", str(tmp_path / "pm.npz"), str(tmp_path / "t.json"), "--splits", "test"]) == 0
@@ -163,3 +165,8 @@ def test_bundle_with_class_balance_and_the_new_metrics(tmp_path, monkeypatch):
     assert {"val_auc", "val_acc", "val_balanced_acc", "val_auc_regular", "val_auc_irregular"} <= set(metrics)
     assert 0.0 <= metrics["val_auc"] <= 1.0
     assert (tmp_path / "out" / "checkpoints" / "best.pt").exists()
+    split = json.loads((tmp_path / "out" / "split.json").read_text())  # the split, recorded for audits
+    datalist = tmp_path / "data" / "datalist.json"
+    val = [os.path.relpath(it["image"], datalist.parent) for it in wf.parser.get_parsed_content("val_items")]
+    assert split["val"] == val and len(val) > 0 and sorted(split["train"] + val) == sorted(
+        it["image"] for it in json.loads(datalist.read_text())["training"])

@@ -3,6 +3,7 @@
 from medpmoe.bundle.config_check import check_config, check_parser
 from medpmoe.bundle.data import (
     balanced_sampler, check_data, class_weights, classification_loss, datalist_or_demo, split_items, task_info,
+    write_split,
 )
 from medpmoe.bundle.distributed import (
     distributed_sampler, init_distributed, is_main_process, rank_zero_first, shutdown_distributed,
@@ -20,5 +21,5 @@ __all__ = [
     "drop_tracking", "final_report", "init_distributed", "is_main_process", "load_checkpoint", "model_from_checkpoint",
     "output_state",
     "rank_zero_first", "run_bundle", "run_params", "shutdown_distributed", "split_items", "start_report", "task_info",
-    "tracking_uri", "write_metrics",
+    "tracking_uri", "write_metrics", "write_split",
 ]

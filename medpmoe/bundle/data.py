@@ -3,6 +3,7 @@ items that respect patients and official splits, and class balance for imbalance
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -155,10 +156,29 @@ def split_items(datalist: str, split: str, val_fraction: float = 0.2, seed: int 
         _check_split_classes(train, val, datalist, names)
     shared = {it["patient_id"] for it in train if "patient_id" in it} & {it["patient_id"] for it in val
                                                                          if "patient_id" in it}
-    if shared:  # only a split the datalist fixes can do this: say so
+    if shared and split == "val":  # only a split the datalist fixes can do this: say so (once, no identifiers)
         logger.warning("%s: %d patient(s) in both the training and the validation items of the datalist's own "
-                       "split (e.g. %s); validation results are optimistic", datalist, len(shared), sorted(shared)[0])
+                       "split; validation results are optimistic", datalist, len(shared))
     return train if split == "train" else val
+
+
+def write_split(output_dir: str, datalist: str, train: list[dict], val: list[dict]) -> Path:
+    """Record which images trained and which validated in `output_dir/split.json` (paths relative to the
+    datalist's folder, with patient counts), so a run's split can be audited; kept out of MLflow, since file names
+    can identify patients."""
+    import os
+
+    from medpmoe.files import atomic_write_text, file_sha256
+
+    root = Path(datalist).resolve().parent
+    patients = [{it["patient_id"] for it in items if "patient_id" in it} for items in (train, val)]
+    doc = {"datalist": str(datalist), "datalist_sha256": file_sha256(datalist),
+           "patients": {"train": len(patients[0]), "val": len(patients[1]), "in_both": len(patients[0] & patients[1])},
+           **{name: [os.path.relpath(str(it["image"]), root) for it in items]
+              for name, items in (("train", train), ("val", val))}}
+    path = Path(output_dir) / "split.json"
+    atomic_write_text(path, json.dumps(doc, indent=1))
+    return path
 
 
 def _label_matrix(items: list[dict], num_classes: int):

@@ -19,7 +19,7 @@ from medpmoe.files import atomic_write_text, file_sha256
 
 IDENTITY_FILE = "run.json"
 #: what a finished run leaves in its output folder; `fresh_start` moves these (and the checkpoints) aside.
-RUN_FILES = ("run.json", "results.json", "parameters.json", "checkpoints", "mlflow_run.json")
+RUN_FILES = ("run.json", "results.json", "parameters.json", "split.json", "checkpoints", "mlflow_run.json")
 
 
 class RunMismatchError(ValueError):
