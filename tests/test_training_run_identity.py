@@ -152,3 +152,36 @@ def test_divergence_and_nan_stop_with_the_resume_command(monkeypatch):
                         "--resume_changed True")
     with pytest.raises(NonFiniteLossError, match="loss is nan"):
         _run_guard([1.0, float("nan")])
+
+
+def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path, model):
+    """While one process trains into a folder (it holds the folder's lock), the same command from another process
+    stops naming the holder; once the holder ends, however it ends, the folder is free."""
+    import subprocess
+    import textwrap
+
+    from medpmoe.training import RunInProgressError, release_output_dir
+    from tests.conftest import REPO_ROOT
+
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from medpmoe.training import claim_output_dir
+        claim_output_dir(Path({str(out)!r}))
+        print("claimed", flush=True)
+        time.sleep(60)
+        """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(RunInProgressError, match=rf"{out} is in use: pid {holder.pid} on .* is training into it"):
+            start_run(out, _identity(model, datalist))
+        assert not (out / "run.json").exists()  # nothing recorded by the refused process
+    finally:
+        holder.kill()  # as abruptly as a crash
+        holder.wait()
+    assert start_run(out, _identity(model, datalist)).status == "new"
+    assert start_run(out, _identity(model, datalist)).status == "resume"  # the same process may check again
+    release_output_dir(out)

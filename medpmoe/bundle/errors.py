@@ -44,10 +44,11 @@ def user_error(exc: BaseException) -> BaseException | None:
     from medpmoe.experts.checkpoints import ExpertCheckpointError
     from medpmoe.models.loading import ModelLoadError
     from medpmoe.training.checkpoint import CheckpointMismatchError
-    from medpmoe.training.run_identity import RunMismatchError
+    from medpmoe.training.run_identity import RunInProgressError, RunMismatchError
 
     cause = medpmoe_cause(exc) or exc
-    kinds = (DataError, ConfigError, ExpertCheckpointError, ModelLoadError, CheckpointMismatchError, RunMismatchError)
+    kinds = (DataError, ConfigError, ExpertCheckpointError, ModelLoadError, CheckpointMismatchError, RunMismatchError,
+             RunInProgressError)
     return cause if isinstance(cause, kinds) else None
 
 

@@ -61,6 +61,15 @@ def _workflow(config_files: str | Path | Sequence[str | Path], **overrides) -> C
                           **overrides)
 
 
+def _release(wf: ConfigWorkflow) -> None:
+    """Free the output folder that the workflow's `run_start` claimed (see `medpmoe.training.claim_output_dir`)."""
+    from medpmoe.training import release_output_dir
+
+    output_dir = wf.parser.get("output_dir")
+    if isinstance(output_dir, (str, Path)) and not str(output_dir).startswith(("$", "@", "%")):
+        release_output_dir(output_dir)
+
+
 def output_state(config_files: str | Path | Sequence[str | Path], **overrides):
     """What a training run of these configs would do with its output folder, without training: the config is
     checked (`check_parser`) and the recipe's `run_start` decides (`medpmoe.training.start_run`: `.status` 'new',
@@ -75,6 +84,8 @@ def output_state(config_files: str | Path | Sequence[str | Path], **overrides):
     except Exception as err:
         summary_note(err)
         raise
+    finally:
+        _release(wf)
 
 
 def run_bundle(config_files: str | Path | Sequence[str | Path], tracking: bool = True, **overrides) -> ConfigWorkflow:
@@ -95,4 +106,6 @@ def run_bundle(config_files: str | Path | Sequence[str | Path], tracking: bool =
         close_progress_bars()  # an unfinished bar would print later, below the error
         summary_note(err)
         raise
+    finally:  # in-process runs (notebooks, cross-validation) free the output folder; a process frees it on exit
+        _release(wf)
     return wf

@@ -26,6 +26,56 @@ class RunMismatchError(ValueError):
     """The output folder holds a run with another configuration (the message lists the differing keys)."""
 
 
+class RunInProgressError(RuntimeError):
+    """Another process is training into the same output folder."""
+
+
+LOCK_FILE = ".run.lock"
+_locks: dict[Path, object] = {}
+
+
+def claim_output_dir(out: Path) -> None:
+    """Hold `out/.run.lock` (an advisory file lock, freed when this process ends, however it ends) until
+    `release_output_dir`: a second process training into the same folder stops with RunInProgressError instead of
+    mixing its checkpoints, results and MLflow steps with the first's. Ranks other than 0 of a distributed run and
+    systems without `fcntl` take no lock."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    key = out.resolve()
+    if key in _locks or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunInProgressError(f"{out} is in use: {holder} is training into it now; wait for it to finish (a "
+                                 "second run into the same folder would mix their results), or train into another "
+                                 "--output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _locks[key] = handle
+
+
+def release_output_dir(out: str | Path) -> None:
+    """Free the lock `claim_output_dir` took on `out` (no-op when this process holds none)."""
+    handle = _locks.pop(Path(out).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
 def _sha256(path) -> str | None:
     return file_sha256(path) if path and Path(path).is_file() else None
 
@@ -101,13 +151,15 @@ def _trained_anything(out: Path, checkpoint_dir: Path) -> bool:
 
 def start_run(output_dir: str, identity: dict, fresh_start: bool = False, resume_changed: bool = False,
               checkpoint_dir: str | None = None) -> RunStart:
-    """Check `identity` against the run recorded in `output_dir` and record it; see the module docstring.
+    """Check `identity` against the run recorded in `output_dir` and record it; see the module docstring. The
+    folder is claimed for this process first (`claim_output_dir`): another process training into it stops this one.
 
     `fresh_start=True` moves an earlier run's files aside and starts over; `resume_changed=True` resumes the
     last checkpoint although training settings changed (e.g. a lower learning rate after a divergence): the data
     and the model must still be the same. `checkpoint_dir` (default `output_dir/checkpoints`): where the run's
     checkpoints are. A recorded run that saved nothing (it stopped before its first checkpoint) is replaced."""
     out = Path(output_dir)
+    claim_output_dir(out)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     path = out / IDENTITY_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
