@@ -7,7 +7,10 @@ outer exception: Python prints notes after the exception line, so ours is the la
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -39,16 +42,18 @@ def medpmoe_cause(exc: BaseException) -> BaseException | None:
 
 def user_error(exc: BaseException) -> BaseException | None:
     """The error in `exc`'s chain that says the user's input is wrong (data, config, expert or checkpoint file, an
-    output folder holding another run), or None for anything else (a bug: keep its traceback)."""
+    output folder holding another run or in use, a learning rate that diverged), or None for anything else (a bug:
+    keep its traceback)."""
     from medpmoe.data.errors import DataError
     from medpmoe.experts.checkpoints import ExpertCheckpointError
     from medpmoe.models.loading import ModelLoadError
     from medpmoe.training.checkpoint import CheckpointMismatchError
+    from medpmoe.training.guards import NonFiniteLossError
     from medpmoe.training.run_identity import RunInProgressError, RunMismatchError
 
     cause = medpmoe_cause(exc) or exc
     kinds = (DataError, ConfigError, ExpertCheckpointError, ModelLoadError, CheckpointMismatchError, RunMismatchError,
-             RunInProgressError)
+             RunInProgressError, NonFiniteLossError)
     return cause if isinstance(cause, kinds) else None
 
 
@@ -84,7 +89,16 @@ def _excepthook(kind, exc, tb) -> None:
 
     join_pool_workers()  # an interpreter exiting under MONAI's cache threads aborts (exit code 134)
     close_progress_bars()  # else a bar closed at exit prints below the error
-    _previous_hook(kind, summary_note(exc), tb)
+    cause = user_error(exc)
+    if cause is None or os.environ.get("MEDPMOE_TRACEBACK"):
+        _previous_hook(kind, summary_note(exc), tb)
+        return
+    # a mistake in the user's input: its message alone on the console, the whole traceback kept in a file
+    fd, path = tempfile.mkstemp(prefix="medpmoe-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(kind, summary_note(exc), tb)))
+    print(f"(the full traceback is in {path}; MEDPMOE_TRACEBACK=1 prints it here)", file=sys.stderr)
+    print(_describe(cause), file=sys.stderr, flush=True)
 
 
 def close_progress_bars() -> None:

@@ -92,7 +92,7 @@ def join_pool_workers(timeout: float = 60.0) -> None:
     import threading
 
     for obj in gc.get_objects():
-        if isinstance(obj, mpp.Pool) and getattr(obj, "_state", mpp.RUN) != mpp.RUN:
+        if issubclass(type(obj), mpp.Pool) and getattr(obj, "_state", mpp.RUN) != mpp.RUN:  # type(): no proxies
             for worker in getattr(obj, "_pool", []):
                 if isinstance(worker, threading.Thread) and worker is not threading.current_thread():
                     worker.join(timeout)
