@@ -102,7 +102,8 @@ def test_the_printed_resume_command_runs_as_printed(tmp_path):
     proc = subprocess.run(args, cwd=REPO_ROOT, env=bundle_env(), capture_output=True, text=True)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("NonFiniteLossError: training diverged"), proc.stderr[-2000:]
-    command = shlex.split(last.split("resume it with: ", 1)[1])
+    assert "No epoch completed, so nothing was saved; lower the learning rate and start again with: " in last
+    command = shlex.split(last.split(" with: ", 1)[1])
     assert command[:3] == ["python", "-m", "monai.bundle"] and command[-4:] == ["--learning_rate", "100000",
                                                                                 "--resume_changed", "True"]
     command[command.index("100000")] = "0.001"  # the user picks the lower rate the message asks for

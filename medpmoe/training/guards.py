@@ -32,12 +32,14 @@ def rerun_command(**overrides) -> str:
     return " ".join(shlex.quote(a) for a in head + args)
 
 
-def divergence_message(problem: str, learning_rate: float | None = None) -> str:
-    """The error text: what happened, that the last completed epoch is kept, and the exact command to resume."""
+def divergence_message(problem: str, learning_rate: float | None = None, epochs_done: int = 1) -> str:
+    """The error text: what happened, what is kept (the last completed epoch's checkpoint, or nothing before the
+    first epoch ends), and the exact command to go on."""
     lower = f"{learning_rate / 10:g}" if learning_rate else "<lower>"
     command = rerun_command(learning_rate=lower, resume_changed="True")
-    return (f"{problem}. The checkpoint of the last completed epoch is kept; lower the learning rate and resume it "
-            f"with: {command}")
+    kept = ("The checkpoint of the last completed epoch is kept; lower the learning rate and resume it" if epochs_done
+            else "No epoch completed, so nothing was saved; lower the learning rate and start again")
+    return f"{problem}. {kept} with: {command}"
 
 
 def _loss_of(output):
@@ -69,10 +71,11 @@ class DivergenceGuard:
         loss = float(self.output_transform(engine.state.output))
         where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         if not math.isfinite(loss):
-            raise NonFiniteLossError(divergence_message(f"training loss is {loss} {where}", self.learning_rate))
+            raise NonFiniteLossError(divergence_message(f"training loss is {loss} {where}", self.learning_rate,
+                                                        engine.state.epoch - 1))
         if self.first is None:
             self.first = abs(loss)
         elif self.first > 0 and abs(loss) > self.factor * self.first:
             raise NonFiniteLossError(divergence_message(
                 f"training diverged: loss {loss:.3g} {where} is over {self.factor:g}x its first value "
-                f"{self.first:.3g}", self.learning_rate))
+                f"{self.first:.3g}", self.learning_rate, engine.state.epoch - 1))
