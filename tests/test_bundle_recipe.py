@@ -108,6 +108,7 @@ def test_cli_refuses_a_misspelled_key_and_a_float_epoch_count_first(tmp_path):
         ({"dataset_dir": "/data/skin"}, "config key 'dataset_dir' is the folder of the datalist in use, not a setting"),
         ({"batch_size": 0}, "config key 'batch_size' must be at least 1, got 0"),
         ({"checkpoint": "best.pt"}, "config key 'checkpoint' is unknown to this workflow"),  # evaluate/inference only
+        ({"method": "gapt"}, "config key 'method': 'gapt' puts prompts at the first prompt layer only, so pMoE"),
         ({"class_balance": "balanced"}, "config key 'class_balance': unknown class_balance 'balanced' (known: none, "
                                         "loss, sampler)"),
     ],

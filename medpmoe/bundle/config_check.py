@@ -188,6 +188,13 @@ def _check_choices(config: dict) -> None:
             raise ConfigError(f"config key 'method': {value!r} is now called {new!r} ({why}): use --method {new}")
         if isinstance(value, str) and not _is_code(value) and value not in allowed:
             raise ConfigError(f"config key {key!r}: unknown {key} {value!r} (known: {', '.join(allowed)})")
+    from medpmoe.models.factory import DEEP_FOR_PMOE
+
+    method, experts = config.get("method"), config.get("experts")
+    several = not isinstance(experts, list) or len(experts) > 1  # from code: as the default, several
+    if method in DEEP_FOR_PMOE and config.get("moe") is True and several:
+        raise ConfigError(f"config key 'method': {method!r} puts prompts at the first prompt layer only, so pMoE "
+                          f"(moe=True) has nothing to mix afterwards: use {DEEP_FOR_PMOE[method]}, or --moe False")
 
 
 def _check_experts(experts: list, parser: ConfigParser) -> None:
