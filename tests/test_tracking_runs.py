@@ -21,6 +21,7 @@ from PIL import Image
 
 from medpmoe.bundle import run_bundle
 from tests.conftest import REPO_ROOT
+from tests.expert_files import TINY_VIT, tiny_vit, write_dinov2_hub
 from tests.test_bundle_common import EXPERTS, TINY
 
 KILL_SCRIPT = """
@@ -77,15 +78,11 @@ def seg(tmp_path_factory):
     """kvasir_seg on the demo set with an expert from a file: a training killed (SIGKILL) in its second epoch and
     resumed, an evaluation, and the bundle's inference on pictures of other sizes."""
     tmp = tmp_path_factory.mktemp("seg")
-    import timm
-
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, embed_dim=32,
-                            depth=1, num_heads=2)
-    weights = tmp / "weights" / "vit.pth"
+    weights = tmp / "weights" / "dinov2_vitb14_pretrain.pth"
     weights.parent.mkdir()
-    torch.save(vit.state_dict(), weights)
-    experts = [EXPERTS[0], {"name": "vit_base_patch16_224", "checkpoint": str(weights), "img_size": 32,
-                            "arch_overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2}}]
+    write_dinov2_hub(weights, tiny_vit("vit_base_patch14_dinov2", 28, depth=1))
+    experts = [EXPERTS[0], {"name": "dinov2_vitb14", "checkpoint": str(weights), "img_size": 28,
+                            "arch_overrides": dict(TINY_VIT, depth=1)}]
     out = tmp / "out"
     kw = {**TINY, "experts": experts, "num_epochs": 3, "learning_rate": 0.01, "output_dir": str(out),
           "demo_root": str(tmp / "data")}
@@ -174,7 +171,7 @@ def test_the_logged_model_is_servable_and_predicts_what_the_bundle_infers(seg):
     assert (local / "serving_input_example.json").is_file()
     recorded = info.metadata["medpmoe"]["experts"]
     sha = hashlib.sha256(seg["weights"].read_bytes()).hexdigest()
-    assert recorded[1] == {"name": "vit_base_patch16_224", "path": str(seg["weights"]), "sha256": sha}
+    assert recorded[1] == {"name": "dinov2_vitb14", "path": str(seg["weights"]), "sha256": sha}
     stored = [hashlib.sha256(f.read_bytes()).hexdigest() for f in local.rglob("*") if f.is_file()]
     assert sha not in stored  # the frozen expert weights are recorded, never copied into the store
     import medpmoe
@@ -186,6 +183,47 @@ def test_the_logged_model_is_servable_and_predicts_what_the_bundle_infers(seg):
         bundle = np.asarray(Image.open(seg["out"] / "inference" / f"{f.stem}_seg.png")) // 255
         assert mask.shape == bundle.shape == np.asarray(Image.open(f)).shape[:2]
         assert np.array_equal(mask, bundle)
+        assert np.allclose(prob, ref.probabilities.numpy(), atol=1e-6) and prob.std() > 1e-3
+
+
+def test_the_logged_model_loads_with_moved_expert_files_as_the_docs_show(seg):
+    """docs/tracking.md: when the expert files moved, `model_config={"expert_files": {name: path}}` (and `device`)
+    reach the loader, which predicts what `medpmoe.predict` gives on the checkpoint; another file is refused."""
+    import medpmoe
+    from medpmoe.experts import ExpertCheckpointError
+    from medpmoe.models import ModelLoadError
+    from medpmoe.tracking import images_frame
+
+    uri = f"models:/{_training_and_eval(_client(seg['out']), 'kvasir_seg')[0][0].outputs.model_outputs[0].model_id}"
+    files = sorted(seg["pictures"].glob("*.png"))
+    moved = seg["weights"].parent.parent / "moved" / "dinov2.pth"
+    moved.parent.mkdir()
+    seg["weights"].rename(moved)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{seg['out'] / 'mlruns.db'}"
+    try:
+        with pytest.raises(ModelLoadError, match=r"pretrain.pth not found.*model_config=\{'expert_files'"):
+            mlflow.pyfunc.load_model(uri)
+        os.environ["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps({"expert_files": {"dinov2_vitb14": str(moved)}})
+        try:  # how `mlflow models serve` is given them
+            assert mlflow.pyfunc.load_model(uri).model_config["expert_files"] == {"dinov2_vitb14": str(moved)}
+        finally:
+            del os.environ["MLFLOW_PYFUNC_INFERENCE_CONFIG"]
+        settings = {"expert_files": {"dinov2_vitb14": str(moved)}, "device": "cpu"}
+        model = mlflow.pyfunc.load_model(uri, model_config=settings)
+        assert model.model_config == {**settings, "amp": True}  # no key dropped by MLflow
+        out = model.predict(images_frame(files), params={"probabilities": True})
+        other = moved.parent / "other.pth"
+        write_dinov2_hub(other, tiny_vit("vit_base_patch14_dinov2", 28, seed=7, depth=1))
+        with pytest.raises(ExpertCheckpointError, match="other.pth.*differs from .*the file the model was trained"):
+            mlflow.pyfunc.load_model(uri, model_config={"expert_files": {"dinov2_vitb14": str(other)}})
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+        moved.rename(seg["weights"])
+    reference = medpmoe.predict(medpmoe.load_model(seg["out"] / "checkpoints" / "best.pt", device="cpu"),
+                                [str(f) for f in files], amp=False)
+    assert [m.shape for m in out["mask"]] == [np.asarray(Image.open(f)).shape[:2] for f in files]
+    for mask, prob, ref in zip(out["mask"], out["probabilities"], reference):
+        assert np.array_equal(mask, ref.mask.as_tensor()[0].numpy()) and 0 < mask.sum() < mask.size
         assert np.allclose(prob, ref.probabilities.numpy(), atol=1e-6) and prob.std() > 1e-3
 
 

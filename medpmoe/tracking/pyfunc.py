@@ -11,8 +11,10 @@ a volume), and `probabilities` ((C, H, W[, D])) when `params={"probabilities": T
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,35 @@ except ImportError:  # mlflow is a pinned dependency; this keeps `import medpmoe
 
 #: How a pyfunc's loader finds the checkpoint inside the MLflow model.
 CHECKPOINT_ARTIFACT = "checkpoint"
+#: The artifact recording each expert file (name, absolute path, sha256) as it was when the model was logged.
+EXPERTS_ARTIFACT = "experts"
+#: The logged model_config: every setting `mlflow.pyfunc.load_model(uri, model_config=...)` may change (MLflow drops,
+#: with a warning, keys the logged model_config lacks). `expert_files`: expert name -> path of a moved file (the
+#: others keep their recorded paths); `device`: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...;
+#: `amp`: bf16 autocast on CUDA.
+LOAD_SETTINGS = {"expert_files": {}, "device": "auto", "amp": True}
+
+
+def _recorded_experts(context, config: dict) -> list[dict]:
+    """The expert files recorded at logging time: the `experts` artifact (a model logged before it existed kept
+    them in model_config `experts`)."""
+    path = (getattr(context, "artifacts", None) or {}).get(EXPERTS_ARTIFACT)
+    return json.loads(Path(path).read_text()) if path else list(config.get("experts") or [])
+
+
+def _device(value) -> str:
+    """model_config `device` as a torch device string; "auto" (or unset): CUDA when present."""
+    import torch
+
+    if value in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"model_config 'device': {value!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model_config 'device' is {value!r}, but no CUDA device is available here")
+    return str(device)
 
 
 def _suffix(data: bytes) -> str:
@@ -81,21 +112,23 @@ class PromptModel(PythonModel):
     `medpmoe.inference.predict` on the images' bytes."""
 
     def load_context(self, context) -> None:
-        """Rebuild the model from the checkpoint artifact and the expert files."""
-        import torch
-
+        """Rebuild the model from the checkpoint artifact and the expert files (`LOAD_SETTINGS` in model_config)."""
         from medpmoe.models.loading import ModelLoadError, load_model
 
         config = dict(getattr(context, "model_config", None) or {})
-        recorded = {e["name"]: e["path"] for e in (config.get("experts") or []) if e.get("path")}
-        files = {**recorded, **(config.get("expert_files") or {})}
-        self.device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        given = config.get("expert_files") or {}
+        if not isinstance(given, Mapping):
+            raise ModelLoadError(f"model_config 'expert_files' must map expert name to file path, got {given!r}")
+        recorded = {e["name"]: e["path"] for e in _recorded_experts(context, config) if e.get("path")}
+        self.device = _device(config.get("device"))
         try:
-            self.model = load_model(context.artifacts[CHECKPOINT_ARTIFACT], expert_files=files or None,
+            self.model = load_model(context.artifacts[CHECKPOINT_ARTIFACT], expert_files={**recorded, **given} or None,
                                     device=self.device)
         except ModelLoadError as err:
+            how = ("{'expert_files': {'<expert name>': '/path/to/file'}}" if "expert_files" in config else
+                   "{'experts': [{'name': '<expert name>', 'path': '/path/to/file'}]}")  # a model logged before
             raise ModelLoadError(f"{err}. With MLflow pass the files as mlflow.pyfunc.load_model(uri, model_config="
-                                 "{'expert_files': {'<expert name>': '/path/to/file'}})") from err
+                                 f"{how})") from err
         meta = self.model.checkpoint_metadata
         self.task, self.image_size = meta["task"], int(meta["image_size"])
         self.class_names, self.multi_label = list(meta.get("class_names") or []), bool(meta.get("multi_label"))
@@ -204,11 +237,13 @@ def log_prompt_model(client, run_id: str, checkpoint: str | os.PathLike, name: s
         mlflow_model = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                              model_id=model.model_id)
         with tempfile.TemporaryDirectory(prefix="medpmoe_model_") as tmp:
+            record = Path(tmp) / "experts.json"
+            record.write_text(json.dumps(experts, indent=1))
             save_model(Path(tmp) / "model", python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-                       artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}, signature=_signature(task, class_names),
-                       input_example=input_example(meta),
+                       artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), EXPERTS_ARTIFACT: str(record)},
+                       signature=_signature(task, class_names), input_example=input_example(meta),
                        pip_requirements=_requirements(), mlflow_model=mlflow_model, metadata={"medpmoe": info},
-                       model_config={"experts": [dict(e) for e in experts]})
+                       model_config=dict(LOAD_SETTINGS))
             client.log_model_artifacts(model.model_id, str(Path(tmp) / "model"))
         if metrics:
             now = int(time.time() * 1000)
