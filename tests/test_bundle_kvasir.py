@@ -84,3 +84,8 @@ def test_killed_run_resumes_to_the_same_number_of_steps(tmp_path):
     per_epoch = 3  # 12 demo images, 80% train -> 9 (ceil 9/4 = 3 batches)
     assert results["epochs"] == 3 and results["iterations"] == 3 * per_epoch
     assert "Epoch [2/3]: [" in done.stderr and "Epoch [1/3]" not in done.stdout + done.stderr  # it did not start over
+    straight = subprocess.run(bundle_command(str(CONFIG), tmp_path / "straight", TINY) + ["--num_epochs", "3"],
+                              cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    uninterrupted = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert results == uninterrupted  # per-epoch seeds: the resumed epochs draw what the uninterrupted ones drew

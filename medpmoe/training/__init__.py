@@ -13,10 +13,12 @@ from medpmoe.training.losses import WithAuxLoss, trainable_parameters
 from medpmoe.training.run_identity import (
     RunInProgressError, RunMismatchError, claim_output_dir, release_output_dir, run_identity, start_run,
 )
+from medpmoe.training.seeding import EpochSeed
 
 __all__ = [
     "CheckpointMismatchError",
     "DivergenceGuard",
+    "EpochSeed",
     "NonFiniteLossError",
     "ResumableCheckpoint",
     "RunInProgressError",
