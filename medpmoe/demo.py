@@ -40,6 +40,12 @@ def synthetic_polyp(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
     return (img * 255).astype(np.uint8), mask.astype(np.uint8) * 255
 
 
+def demo_dir(root: str | Path, kind: str, num_images: int, size: int, seed: int = 0) -> Path:
+    """The folder under `root` for the `kind` demo set made with these settings, e.g. `polyp_48x64px_seed0`: one
+    folder per settings, so a set is reused by the same settings and never overwritten by others."""
+    return Path(root) / f"{kind}_{num_images}x{size}px_seed{seed}"
+
+
 def reusable(datalist: Path, settings: dict) -> bool:
     """True when `datalist` was generated with `settings` and all its image/mask files are still there."""
     if not datalist.exists():

@@ -55,7 +55,7 @@ def make_runs(work: Path, env: dict) -> None:
           "--output_dir", str(work / "medvtab_cls")]),
         (work / "cv" / "cv_results.json",
          [py, "-m", "medpmoe.crossval", "--config_file", f"{kv}/train.json",
-          "--datalist", str(work / "kvasir_seg" / "synthetic_data" / "datalist.json"),
+          "--datalist", str(work / "kvasir_seg" / "synthetic_data" / "polyp_48x64px_seed0" / "datalist.json"),
           "--output_dir", str(work / "cv"), "--k", "3", "--num_epochs", "4"]),
     ]
     for i, (done, cmd) in enumerate(steps):

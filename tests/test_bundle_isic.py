@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
 def test_training_on_synthetic_lesions(trained):
     results = json.loads((trained / "results.json").read_text())
     assert 0.0 <= results["val_mean_iou"] <= 1.0 and results["epochs"] == 1
-    doc = json.loads((trained / "synthetic_data" / "datalist.json").read_text())
+    doc = json.loads((trained / "synthetic_data" / "lesion_12x40px_seed0" / "datalist.json").read_text())
     assert doc["classes"] == ["background", "lesion"] and len(doc["training"]) == 12
     assert (trained / "checkpoints" / "best.pt").exists()
 
@@ -57,7 +57,7 @@ def test_evaluate_writes_metrics_json(trained, monkeypatch):
 @pytest.mark.slow
 def test_inference_writes_png_and_nifti_masks_at_input_size(trained, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    images = trained / "synthetic_data" / "images"
+    images = trained / "synthetic_data" / "lesion_12x40px_seed0" / "images"
     run_bundle([TRAIN, INFER], tracking=False, output_dir=str(trained), input=str(images), **TINY)
     out = trained / "inference"
     pngs, niis = sorted(out.glob("*_seg.png")), sorted(out.glob("*_seg.nii.gz"))

@@ -70,7 +70,7 @@ def test_evaluate_refuses_checkpoint_of_other_experts(trained, monkeypatch):
 @pytest.mark.slow
 def test_inference_writes_probabilities_csv(trained, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
-    images = trained / "synthetic_data" / "images"
+    images = trained / "synthetic_data" / "classification_12x32px_seed0" / "images"
     run_bundle([TRAIN, INFER], tracking=False, output_dir=str(trained), input=str(images), **TINY)
     rows = list(csv.DictReader((trained / "inference" / "probabilities.csv").open()))
     assert len(rows) == 12 and set(rows[0]) == {"image", "regular", "irregular", "prediction"}

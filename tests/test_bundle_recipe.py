@@ -12,6 +12,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medpmoe.bundle import ConfigError, LossProgressBar, run_bundle
 from medpmoe.bundle.errors import summary_note
+from medpmoe.demo import demo_dir
 from tests.conftest import REPO_ROOT
 from tests.helpers import bundle_command, bundle_env
 from tests.test_bundle_common import BUNDLES, TINY
@@ -52,7 +53,8 @@ def test_check_properties_for_train_and_infer_workflows(bundle, tmp_path, monkey
         wf = ConfigWorkflow(config_file=files, workflow_type=kind, **kw)
         wf.initialize()
         assert wf.check_properties() == [], (files, kind)
-    assert wf.network_def is not None and wf.dataset_dir == str(tmp_path.parent / f"{bundle}_demo")
+    demo = demo_dir(kw["demo_root"], wf.parser["demo_kind"], TINY["demo_images"], TINY["demo_size"])
+    assert wf.network_def is not None and wf.dataset_dir == str(demo)
 
 
 def test_progress_bar_with_eta_is_attached_to_the_trainer(tmp_path, monkeypatch):

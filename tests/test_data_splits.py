@@ -166,7 +166,7 @@ def test_bundle_with_class_balance_and_the_new_metrics(tmp_path, monkeypatch):
     assert 0.0 <= metrics["val_auc"] <= 1.0
     assert (tmp_path / "out" / "checkpoints" / "best.pt").exists()
     split = json.loads((tmp_path / "out" / "split.json").read_text())  # the split, recorded for audits
-    datalist = tmp_path / "data" / "datalist.json"
+    datalist = tmp_path / "data" / "classification_12x32px_seed0" / "datalist.json"  # the demo settings folder
     val = [os.path.relpath(it["image"], datalist.parent) for it in wf.parser.get_parsed_content("val_items")]
     assert split["val"] == val and len(val) > 0 and sorted(split["train"] + val) == sorted(
         it["image"] for it in json.loads(datalist.read_text())["training"])

@@ -141,7 +141,7 @@ def test_the_training_run_tells_its_whole_story(seg):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's model-training view
     (dataset,) = run.inputs.dataset_inputs
     profile = json.loads(dataset.dataset.profile)
-    datalist = seg["out"].parent / "data" / "datalist.json"
+    datalist = seg["out"].parent / "data" / "polyp_12x32px_seed0" / "datalist.json"  # the demo settings folder
     assert profile["datalist_sha256"] == hashlib.sha256(datalist.read_bytes()).hexdigest()
     assert sum(profile["items"].values()) == 12 and set(profile["items"]) == {"train", "val"}
     assert ".png" not in dataset.dataset.profile and {t.value for t in dataset.tags} == {"training"}

@@ -23,19 +23,21 @@ ITEM_SETS = (*SPLITS, "all")
 
 def datalist_or_demo(datalist: str | None, demo_root: str, kind: str = "polyp", demo_images: int = 48,
                      demo_size: int = 64) -> str:
-    """The user's datalist (checked to exist) or a generated synthetic set of `kind` in DEMOS."""
+    """The user's datalist (checked to exist) or a generated synthetic set of `kind` in DEMOS, in its own folder
+    under `demo_root` per settings (`medpmoe.demo.demo_dir`), so other demo settings never rewrite a run's set."""
     if datalist:
         path = Path(datalist).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"config key 'datalist': no datalist file at {path}")
         return str(path)
     from medpmoe.bundle.demo_cls import make_synthetic_classification, make_synthetic_lesions
+    from medpmoe.demo import demo_dir
 
     make = {"polyp": make_synthetic_polyps, "lesion": make_synthetic_lesions,
             "classification": make_synthetic_classification}.get(kind)
     if make is None:
         raise ValueError(f"config key 'demo_kind': {kind!r} is not one of {DEMOS}")
-    path = make(demo_root, num_images=demo_images, size=demo_size)
+    path = make(demo_dir(demo_root, kind, demo_images, demo_size), num_images=demo_images, size=demo_size)
     logger.info("no 'datalist' given: using the synthetic %s demo set %s", kind, path)
     return str(path)
 
