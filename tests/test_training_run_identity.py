@@ -154,7 +154,7 @@ def test_divergence_and_nan_stop_with_the_resume_command(monkeypatch):
         _run_guard([1.0, float("nan")])
 
 
-def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path, model):
+def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path, model, monkeypatch):
     """While one process trains into a folder (it holds the folder's lock), the same command from another process
     stops naming the holder; once the holder ends, however it ends, the folder is free."""
     import subprocess
@@ -179,6 +179,10 @@ def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path, model):
         with pytest.raises(RunInProgressError, match=rf"{out} is in use: pid {holder.pid} on .* is training into it"):
             start_run(out, _identity(model, datalist))
         assert not (out / "run.json").exists()  # nothing recorded by the refused process
+        monkeypatch.setenv("RANK", "1")  # another rank of the holder's torchrun job checks without the lock
+        assert start_run(out, _identity(model, datalist)).status == "new"
+        monkeypatch.delenv("RANK")
+        (out / "run.json").unlink()
     finally:
         holder.kill()  # as abruptly as a crash
         holder.wait()

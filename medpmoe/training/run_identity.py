@@ -45,7 +45,8 @@ def claim_output_dir(out: Path) -> None:
     import torch.distributed as dist
 
     key = out.resolve()
-    if key in _locks or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if key in _locks or rank != 0:  # torchrun sets RANK before the process group exists
         return
     try:
         import fcntl
