@@ -225,7 +225,7 @@ def run_cross_validation(config_file, datalist: str | Path, output_dir: str | Pa
     fold_overrides = [{**overrides, "datalist": str(datalist), "folds_file": str(folds_file), "fold": i,
                        "output_dir": str(fold_dir)} for i, fold_dir in enumerate(fold_dirs)]
     finished = [_fold_finished(config_file, o, resume) for o in fold_overrides]  # all decided before any tracking
-    tracker = _Tracker(output_dir, experiment, params, new_parent=bool(overrides.get("fresh_start")))
+    tracker = _Tracker(output_dir, experiment, params, new_parent=bool(overrides.get("fresh_start")) or not resume)
     folds = load_folds(folds_file)
     tracker.dataset(datalist, folds_file, [f["val"] for f in folds["folds"]])
     fold_results, run_ids = [], []
