@@ -133,11 +133,14 @@ def test_resume_uses_the_configured_learning_rate_not_the_saved_one(tmp_path, mo
     assert new_opt.state_dict()["state"][0]["step"] == 5  # AdamW moments resumed
 
 
-def _run_guard(losses, lr=0.5):
+def _run_guard(losses, lr=0.5, state=None):
     guard = DivergenceGuard(factor=100, learning_rate=lr)
-    for i, loss in enumerate(losses):
-        output = [{"loss": torch.tensor(loss), "pred": None}] * 2  # as MONAI's trainer decollates it
-        guard(SimpleNamespace(state=SimpleNamespace(output=output, epoch=1, iteration=i + 1)))
+    state = state or SimpleNamespace(epoch=1, iteration=0)
+    for loss in losses:
+        state.output = [{"loss": torch.tensor(loss), "pred": None}] * 2  # as MONAI's trainer decollates it
+        state.iteration += 1
+        guard(SimpleNamespace(state=state))
+    return state
 
 
 def test_divergence_and_nan_stop_with_the_resume_command(monkeypatch):
@@ -152,6 +155,12 @@ def test_divergence_and_nan_stop_with_the_resume_command(monkeypatch):
                         "--resume_changed True")
     with pytest.raises(NonFiniteLossError, match="loss is nan"):
         _run_guard([1.0, float("nan")])
+    resumed = _run_guard([1.2, 0.9, 30.0])  # a resumed process (another guard) keeps the run's first loss
+    resumed.epoch = 2
+    with pytest.raises(NonFiniteLossError) as err:
+        _run_guard([200.0], state=resumed)
+    assert "the checkpoint it resumed from has diverged already" in str(err.value)
+    assert str(err.value).endswith("--learning_rate 0.05 --fresh_start True")
 
 
 def test_a_second_process_cannot_train_into_a_folder_in_use(tmp_path, model, monkeypatch):

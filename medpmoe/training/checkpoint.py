@@ -148,6 +148,8 @@ class ResumableCheckpoint:
         self._apply_configured_hyperparameters(configured, base_lrs)
         engine.state.epoch = extra["epoch"]
         engine.state.iteration = extra["iteration"]
+        if extra.get("first_loss") is not None:  # DivergenceGuard's baseline: the run's own first loss
+            engine.state.first_loss = extra["first_loss"]
         self.best = extra.get("best", float("-inf"))
         logger.info("resumed from %s at epoch %d, iteration %d", self.last_path, extra["epoch"], extra["iteration"])
 
@@ -179,5 +181,6 @@ class ResumableCheckpoint:
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "best": self.best,
+            "first_loss": getattr(engine.state, "first_loss", None),
         }
         save_prompt_checkpoint(self.last_path, self.model, resume=resume, **self.metadata)

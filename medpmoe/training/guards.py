@@ -32,10 +32,15 @@ def rerun_command(**overrides) -> str:
     return " ".join(shlex.quote(a) for a in head + args)
 
 
-def divergence_message(problem: str, learning_rate: float | None = None, epochs_done: int = 1) -> str:
-    """The error text: what happened, what is kept (the last completed epoch's checkpoint, or nothing before the
-    first epoch ends), and the exact command to go on."""
+def divergence_message(problem: str, learning_rate: float | None = None, epochs_done: int = 1,
+                       checkpoint_diverged: bool = False) -> str:
+    """The error text: what happened, what is kept (the last completed epoch's checkpoint, nothing before the first
+    epoch ends, or a checkpoint that has itself diverged) and the exact command to go on."""
     lower = f"{learning_rate / 10:g}" if learning_rate else "<lower>"
+    if checkpoint_diverged:
+        command = rerun_command(learning_rate=lower, fresh_start="True")
+        return (f"{problem}, at the first step after resuming: the checkpoint it resumed from has diverged already. "
+                f"Start over with a lower learning rate (the earlier run is kept in previous_runs/) with: {command}")
     command = rerun_command(learning_rate=lower, resume_changed="True")
     kept = ("The checkpoint of the last completed epoch is kept; lower the learning rate and resume it" if epochs_done
             else "No epoch completed, so nothing was saved; lower the learning rate and start again")
@@ -51,14 +56,16 @@ def _loss_of(output):
 
 class DivergenceGuard:
     """Ignite handler on a trainer: after every iteration, stop with `NonFiniteLossError` when the loss is NaN/inf
-    or larger than `factor` times the first iteration's loss (a diverging run must not end with exit code 0)."""
+    or larger than `factor` times the run's first loss (a diverging run must not end with exit code 0). The first
+    loss is kept in `engine.state.first_loss`, which `ResumableCheckpoint` saves and restores, so a resumed run is
+    measured against the run's own start, and a checkpoint that has diverged already is caught at once."""
 
     def __init__(self, factor: float = 100.0, learning_rate: float | None = None, output_transform=None) -> None:
         """`output_transform` reads the loss from the engine's output; default: the 'loss' of MONAI's (decollated)
         trainer output, or the output itself."""
         self.factor, self.learning_rate = factor, learning_rate
         self.output_transform = output_transform or _loss_of
-        self.first: float | None = None
+        self.checked = 0  # iterations checked by this process
 
     def attach(self, engine) -> None:
         """Register on the engine's ITERATION_COMPLETED event."""
@@ -68,14 +75,17 @@ class DivergenceGuard:
 
     def __call__(self, engine) -> None:
         """Check this iteration's loss."""
-        loss = float(self.output_transform(engine.state.output))
-        where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        state = engine.state
+        loss = float(self.output_transform(state.output))
+        where = f"at epoch {state.epoch}, iteration {state.iteration}"
+        first = getattr(state, "first_loss", None)
         if not math.isfinite(loss):
             raise NonFiniteLossError(divergence_message(f"training loss is {loss} {where}", self.learning_rate,
-                                                        engine.state.epoch - 1))
-        if self.first is None:
-            self.first = abs(loss)
-        elif self.first > 0 and abs(loss) > self.factor * self.first:
+                                                        state.epoch - 1))
+        if first is None:
+            state.first_loss = abs(loss)
+        elif first > 0 and abs(loss) > self.factor * first:
             raise NonFiniteLossError(divergence_message(
-                f"training diverged: loss {loss:.3g} {where} is over {self.factor:g}x its first value "
-                f"{self.first:.3g}", self.learning_rate, engine.state.epoch - 1))
+                f"training diverged: loss {loss:.3g} {where} is over {self.factor:g}x the run's first loss "
+                f"{first:.3g}", self.learning_rate, state.epoch - 1, checkpoint_diverged=self.checked == 0))
+        self.checked += 1
