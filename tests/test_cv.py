@@ -170,3 +170,9 @@ def test_save_load_atomic_and_checked(tmp_path):
         make_folds([{"image": f"{i}.png", "label": i} for i in range(10)], k=5)  # every class smaller than k
     tiny = make_folds([{"image": f"{i}.png"} for i in range(10)], k=5)  # no labels: plain KFold
     assert tiny["method"] == "KFold" and tiny["stratify"] == "none"
+
+
+def test_a_single_class_datalist_is_refused_before_training(tmp_path):
+    items = [{"image": f"i{i}.png", "label": 1} for i in range(12)]
+    with pytest.raises(DataError, match="every item is of class 1, so no fold's AUC is defined"):
+        make_folds(items, k=2, seed=0)

@@ -172,6 +172,12 @@ def _check_folds_hold_every_class(raw, splits, k, seed, groups, source, datalist
     if matrix is None:
         return
     multi = isinstance(raw[0].get("label"), list)
+    present = np.flatnonzero(matrix.any(0))
+    if not multi and len(present) < 2:
+        names = _class_names(datalist)
+        only = names[present[0]] if names and present[0] < len(names) else str(present[0])
+        raise DataError(f"{source or 'datalist'}: every item is of class {only}, so no fold's AUC is defined: a "
+                        "classification datalist needs images of at least two classes")
     gaps = [(f, missing_classes(matrix, val, multi)) for f, (_, val) in enumerate(splits)]
     gaps = [(f, m) for f, m in gaps if m]
     if not gaps:
