@@ -215,3 +215,11 @@ def test_every_documented_bundle_command_names_existing_files_and_entry_point(mo
         parser.read_config(files)
         parser.resolve_macro_and_relative_ids()
         assert run_id in parser and "initialize" in parser, (where, run_id, files)
+
+
+def test_the_process_group_is_joined_before_any_data_or_output_folder_step():
+    """Under torchrun `@device` joins the process group; rank 0 can only go first (demo data, run.json, the output
+    folder's lock) once the group exists, so `@device` is resolved before those initialize steps."""
+    steps = ConfigParser.load_config_file(REPO_ROOT / "configs" / "train.json")["initialize"]
+    first_data_step = min(i for i, step in enumerate(steps) if "check_data" in step or "run_start" in step)
+    assert steps.index("$@device") < first_data_step
