@@ -32,18 +32,23 @@ def rerun_command(**overrides) -> str:
     return " ".join(shlex.quote(a) for a in head + args)
 
 
-def divergence_message(problem: str, learning_rate: float | None = None, epochs_done: int = 1,
+def divergence_message(problem: str, learning_rate: float | None = None, epochs_done: int | None = None,
                        checkpoint_diverged: bool = False) -> str:
     """The error text: what happened, what is kept (the last completed epoch's checkpoint, nothing before the first
-    epoch ends, or a checkpoint that has itself diverged) and the exact command to go on."""
+    epoch ends, or a checkpoint that has itself diverged; `epochs_done` None: not known here) and the exact command
+    to go on."""
     lower = f"{learning_rate / 10:g}" if learning_rate else "<lower>"
     if checkpoint_diverged:
         command = rerun_command(learning_rate=lower, fresh_start="True")
         return (f"{problem}, at the first step after resuming: the checkpoint it resumed from has diverged already. "
                 f"Start over with a lower learning rate (the earlier run is kept in previous_runs/) with: {command}")
     command = rerun_command(learning_rate=lower, resume_changed="True")
-    kept = ("The checkpoint of the last completed epoch is kept; lower the learning rate and resume it" if epochs_done
-            else "No epoch completed, so nothing was saved; lower the learning rate and start again")
+    if epochs_done is None:
+        kept = "The checkpoint of the last completed epoch, if one completed, is kept; lower the learning rate and go on"
+    elif epochs_done:
+        kept = "The checkpoint of the last completed epoch is kept; lower the learning rate and resume it"
+    else:
+        kept = "No epoch completed, so nothing was saved; lower the learning rate and start again"
     return f"{problem}. {kept} with: {command}"
 
 
