@@ -44,7 +44,8 @@ def divergence_message(problem: str, learning_rate: float | None = None, epochs_
                 f"Start over with a lower learning rate (the earlier run is kept in previous_runs/) with: {command}")
     command = rerun_command(learning_rate=lower, resume_changed="True")
     if epochs_done is None:
-        kept = "The checkpoint of the last completed epoch, if one completed, is kept; lower the learning rate and go on"
+        kept = ("The checkpoint of the last completed epoch, if one completed, is kept; lower the learning rate and "
+                "go on")
     elif epochs_done:
         kept = "The checkpoint of the last completed epoch is kept; lower the learning rate and resume it"
     else:
