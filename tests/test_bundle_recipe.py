@@ -76,8 +76,8 @@ def test_the_recipe_spells_out_its_components(monkeypatch):
                for t in parser["train#augmentation#transforms"])
     chain = "$medpmoe.bundle.chain(@train#preprocessing, @train#augmentation)"
     assert parser["train#dataset#transform"] == chain
-    assert parser["validate#key_metric#val_mean_iou#include_background"] is True
-    assert parser["validate#additional_metrics#val_fg_iou#include_background"] is False
+    assert parser["validate#key_metric#mean_iou#include_background"] is True  # named val_mean_iou in training
+    assert parser["validate#additional_metrics#fg_iou#include_background"] is False
     recipe = ConfigParser.load_config_file(REPO_ROOT / "configs" / "train.json")
     assert parser["learning_rate"] == recipe["learning_rate"]
     assert all(isinstance(h, dict) and "_target_" in h for h in parser["train#handlers"])
