@@ -61,7 +61,7 @@ def test_evaluation_names_its_metrics_by_the_split_it_ran_on(trained, tmp_path, 
     monkeypatch.chdir(REPO_ROOT)
     demo = trained / "synthetic_data" / "classification_12x32px_seed0"
     doc = json.loads((demo / "datalist.json").read_text())
-    doc["test"] = doc["training"][:6]
+    doc["test"], doc["training"] = doc["training"][:6], doc["training"][6:]
     (demo / "with_test.json").write_text(json.dumps(doc))
     out = tmp_path / "test_metrics.json"
     run_bundle([TRAIN, EVAL], output_dir=str(trained), datalist=str(demo / "with_test.json"), eval_split="test",

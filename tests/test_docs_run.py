@@ -252,7 +252,9 @@ def test_documented_command_runs(where, argv, workspace, monkeypatch, capsys):
     bundle = _bundle_of(run)
     if bundle and ("evaluating" in run or "inference" in run or "medpmoe.export" in run or run[0] == "torchrun"):
         _ensure_trained(bundle, workspace, monkeypatch)
-    if run[0] == "mlflow" or (run[0] == sys.executable and run[1:2] != ["-m"] and not run[1].endswith(".py")):
+    runnable = (run[0] == "torchrun" and "-m" in run) or (
+        run[0] == sys.executable and (run[1:2] == ["-m"] or run[1].endswith(".py")))
+    if not runnable:
         pytest.fail(f"{where}: no way to run {line!r} here: add it to SKIP with the reason, or teach this test")
     try:
         _run_in_process(run, monkeypatch)
