@@ -40,6 +40,29 @@ def test_generated_bundle_files_are_up_to_date():
     assert not stale, f"out of date: {[str(p) for p in stale]}: run `python -m medpmoe.bundle.build`"
 
 
+def test_the_build_runs_from_any_folder_and_names_a_misspelled_bundle_key(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from medpmoe.bundle.build import main
+
+    monkeypatch.chdir(tmp_path)  # not a repository: the build finds this medpmoe's configs/ and bundles/
+    assert main(["--check"]) == 0
+    root = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "configs", root / "configs")
+    (root / "bundles" / "x").mkdir(parents=True)
+    cases = [({"task": "segmentaton"}, "key 'task': no task file"),
+             ({"task": "segmentation", "train": {"clas_names": ["a", "b"]}}, "key 'clas_names': the recipe has no "
+                                                                           "'clas_names'; did you mean 'class_names'?"),
+             ({"task": "segmentation", "train": {"validate#dataloadr#num_workers": 1}}, "did you mean 'dataloader'?"),
+             ({"task": "segmentation"}, "recipe key 'output_dir' is 'set by bundles/<name>/bundle.json'"),
+             ({"task": "segmentation", "trian": {}}, "key 'trian' is not a bundle.json key; did you mean 'train'?")]
+    for spec, expected in cases:
+        (root / "bundles" / "x" / "bundle.json").write_text(json.dumps(spec))
+        assert main(["--root", str(root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ConfigError: ") and expected in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_a_bundle_states_what_differs_and_its_files_are_self_contained_monai_configs(bundle):
     root = REPO_ROOT / "bundles" / bundle
