@@ -51,7 +51,7 @@ def test_the_build_runs_from_any_folder_and_names_a_misspelled_bundle_key(tmp_pa
     shutil.copytree(REPO_ROOT / "configs", root / "configs")
     (root / "bundles" / "x").mkdir(parents=True)
     cases = [({"task": "segmentaton"}, "key 'task': no task file"),
-             ({"task": "segmentation", "train": {"clas_names": ["a", "b"]}}, "key 'clas_names': the recipe has no "
+             ({"task": "segmentation", "train": {"clas_names": ["a", "b"]}}, "key 'clas_names': the config has no "
                                                                            "'clas_names'; did you mean 'class_names'?"),
              ({"task": "segmentation", "train": {"validate#dataloadr#num_workers": 1}}, "did you mean 'dataloader'?"),
              ({"task": "segmentation"}, "recipe key 'output_dir' is 'set by bundles/<name>/bundle.json'"),
@@ -282,6 +282,16 @@ def test_config_mistakes_end_with_medpmoe_error_naming_the_key(overrides, expect
                    **{**TINY, **overrides, "output_dir": str(tmp_path)})
     assert info.value.__notes__[-1].startswith("ConfigError: " + expected)
     assert not (tmp_path / "synthetic_data").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_a_nested_id_under_a_misspelled_parent_names_the_closest_key_in_python(tmp_path):
+    """MONAI's command line refuses `--train#trainr#max_epochs 1` itself (KeyError 'query key: trainr', before any
+    medpmoe code runs); run_bundle, notebooks and cross-validation name the closest key instead."""
+    with pytest.raises(ConfigError) as info:
+        run_bundle(str(REPO_ROOT / "bundles" / "kvasir_seg" / "train.json"), tracking=False,
+                   **{"train#trainr#max_epochs": 1, "output_dir": str(tmp_path)})
+    assert str(info.value) == ("config key 'train#trainr#max_epochs': the config has no 'train#trainr'; did you mean "
+                               "'trainer'?")
 
 
 def test_missing_checkpoint_names_the_key(tmp_path, monkeypatch):
