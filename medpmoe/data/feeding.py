@@ -75,13 +75,21 @@ class Compactd(MapTransform):
         return d
 
 
-def _describe(transform) -> list:
-    """A stable description of a transform chain (class names and simple settings) for the disk cache key."""
-    parts = getattr(transform, "transforms", None)
-    if parts is None:
-        simple = {k: v for k, v in sorted(vars(transform).items()) if isinstance(v, (int, float, str, bool, type(None), tuple, list))}
-        return [type(transform).__name__, json.dumps(simple, sort_keys=True, default=str)]
-    return [_describe(t) for t in parts]
+def _describe(obj, depth: int = 3):
+    """A stable description of a transform chain (class names, simple settings, nested transforms' settings) for
+    the disk cache key; memory addresses never enter it."""
+    if isinstance(obj, (int, float, str, bool, type(None))):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return [_describe(v, depth) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(str(v) for v in obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    if depth == 0 or not hasattr(obj, "__dict__") or isinstance(obj, type):
+        return type(obj).__name__
+    return [type(obj).__name__, {k: _describe(v, depth - 1) for k, v in sorted(vars(obj).items())
+                                 if not k.startswith("_") and k not in ("R", "lazy", "tracing")}]
 
 
 def data_hash(items: Sequence[Mapping], transform=None) -> str:
@@ -95,7 +103,7 @@ def data_hash(items: Sequence[Mapping], transform=None) -> str:
                 st = os.stat(value)
                 h.update(f":{st.st_size}:{st.st_mtime_ns}".encode())
     if transform is not None:
-        h.update(json.dumps(_describe(transform), default=str).encode())
+        h.update(json.dumps(_describe(transform), sort_keys=True, default=lambda o: type(o).__name__).encode())
     return h.hexdigest()[:24]
 
 
