@@ -139,22 +139,3 @@ def test_seeded_runs_give_identical_prompts(tmp_path, monkeypatch):
         states.append(torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["state_dict"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get("MEDPMOE_TEST_TORCHRUN"), reason="30-70 s on 2 shared cores: "
-                    "set MEDPMOE_TEST_TORCHRUN=1 to run torchrun with 2 gloo processes")
-def test_multi_gpu_config_under_torchrun_gloo(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    cfg = "['bundles/medvtab_cls/train.json','bundles/medvtab_cls/multi_gpu_train.json']"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-            "training", "--config_file", cfg, "--output_dir", str(tmp_path)]
-    for k, v in TINY.items():
-        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
-    proc = subprocess.run(args, cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 1
