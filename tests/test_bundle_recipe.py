@@ -17,29 +17,152 @@ from tests.conftest import REPO_ROOT
 from tests.helpers import bundle_command, bundle_env
 from tests.test_bundle_common import BUNDLES, TINY
 
-RECIPE = ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json")  # same names in configs/
-TASK_FILE = {"kvasir_seg": "segmentation.json", "isic_seg": "segmentation.json", "medvtab_cls": "classification.json"}
+GENERATED = ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json")
 
 
-def _recipe(name: str) -> dict:
-    return json.loads((REPO_ROOT / "configs" / name).read_text())
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+def test_generated_bundle_files_are_up_to_date():
+    """bundles/*/{train,evaluate,inference,multi_gpu_train}.json are what `python -m medpmoe.bundle.build` writes
+    from configs/ and each bundle.json (edit those, then run it)."""
+    from medpmoe.bundle.build import write_bundles
+
+    stale = write_bundles(root=REPO_ROOT, check=True)
+    assert not stale, f"out of date: {[str(p) for p in stale]}: run `python -m medpmoe.bundle.build`"
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_bundle_files_are_thin_and_take_every_shared_setting_from_configs(bundle):
+def test_a_bundle_states_what_differs_and_its_files_are_self_contained_monai_configs(bundle):
     root = REPO_ROOT / "bundles" / bundle
-    lines = len((root / "train.json").read_text().splitlines())
-    assert lines <= 66, f"{root / 'train.json'} has {lines} lines: issue 12 keeps bundle files at about 60"
-    for name in RECIPE:
-        own = json.loads((root / name).read_text())
-        assert "_target_" not in (root / name).read_text()  # every component lives in configs/
-        for key, default in _recipe(name).items():
-            macro = f"%configs/{name}#{key}"
-            assert key in own, f"{root / name} lacks recipe key {key!r}: add \"{key}\": \"{macro}\""
-            assert own[key] == macro or own[key] != default, f"{root / name}: {key!r} copies the recipe's value"
-    own = json.loads((root / "train.json").read_text())
-    for key in _recipe(TASK_FILE[bundle]):
-        assert key in own, f"{root / 'train.json'} lacks task key {key!r}"
+    spec = json.loads((root / "bundle.json").read_text())
+    assert len((root / "bundle.json").read_text().splitlines()) <= 20 and "_target_" not in json.dumps(spec)
+    for name in GENERATED:
+        config = json.loads((root / name).read_text())
+        first = next(iter(config))
+        assert first == "_generated_" and "python -m medpmoe.bundle.build" in config[first]
+        assert f"bundles/{bundle}/bundle.json" in config[first]
+        macros = [s for s in _strings(config) if s.startswith("%")]
+        assert not macros, f"{root / name}: {macros} depend on the working directory"
+        assert not [s for s in _strings(config) if s.startswith("set by ")]  # every recipe slot is filled
+        long = [s for s in _strings(config) if s.startswith("$") and len(s) > 200]
+        assert not long, f"{root / name}: $ expressions over 200 characters: {long}"
+
+
+def test_the_recipe_spells_out_its_components(monkeypatch):
+    """What a MONAI model-zoo user looks for, as `_target_` entries: transforms (a deterministic list cached once,
+    a random-augmentation list run per epoch), datasets, loaders, network, optimizer, trainer, evaluator, inferer,
+    handlers, metrics."""
+    config = ConfigParser.load_config_file(REPO_ROOT / "bundles" / "kvasir_seg" / "train.json")
+    parser = ConfigParser(config)
+    assert parser["train#trainer#_target_"] == "SupervisedTrainer"
+    assert parser["train#trainer#max_epochs"] == "@num_epochs"
+    assert parser["validate#evaluator#_target_"] == "SupervisedEvaluator"
+    assert parser["network_def#_target_"] == "medpmoe.models.build_model"
+    assert parser["optimizer#optimizer#_target_"] == "torch.optim.AdamW"
+    assert parser["train#preprocessing"] == "@validate#preprocessing"  # one deterministic chain
+    assert parser["validate#dataset#transform"] == "@validate#preprocessing"  # MONAI's property layout
+    names = [t["_target_"].rsplit(".", 1)[-1] for t in parser["validate#preprocessing#transforms"]]
+    assert names[1:3] == ["LoadMedicalImaged", "ToPlane2Dd"] and names[-2:] == ["Resized", "CastToTyped"]
+    assert all(t["_target_"].startswith(("Rand", "ScaleIntensityRanged", "CastToTyped"))
+               for t in parser["train#augmentation#transforms"])
+    chain = "$medpmoe.bundle.chain(@train#preprocessing, @train#augmentation)"
+    assert parser["train#dataset#transform"] == chain
+    assert parser["validate#key_metric#val_mean_iou#include_background"] is True
+    assert parser["validate#additional_metrics#val_fg_iou#include_background"] is False
+    recipe = ConfigParser.load_config_file(REPO_ROOT / "configs" / "train.json")
+    assert parser["learning_rate"] == recipe["learning_rate"]
+    assert all(isinstance(h, dict) and "_target_" in h for h in parser["train#handlers"])
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_the_config_transform_lists_equal_the_python_chains(task, tmp_path, monkeypatch):
+    """`validate#preprocessing` and `train#preprocessing + train#augmentation` give exactly what
+    `medpmoe.data.segmentation_transforms` / `classification_transforms` give (the Python callers' chains)."""
+    import monai
+    import torch
+    from monai.utils import set_determinism
+
+    from monai.data import CacheDataset
+
+    from medpmoe.data import classification_transforms, load_datalist, segmentation_transforms
+
+    bundle = {"segmentation": "kvasir_seg", "classification": "medvtab_cls"}[task]
+    wf = ConfigWorkflow(config_file=str(REPO_ROOT / "bundles" / bundle / "train.json"), workflow_type=None,
+                        **{**TINY, "output_dir": str(tmp_path)})
+    parser = wf.parser
+    parser["vertical_flip"] = True
+    items = load_datalist(parser.get_parsed_content("datalist_file"))[:3]
+    n, size = len(parser.get_parsed_content("class_names")), TINY["image_size"]
+    if task == "segmentation":
+        val, train = (segmentation_transforms(size, t, n) for t in (False, True))
+    else:
+        val, train = (classification_transforms(size, t, n, vertical_flip=True) for t in (False, True))
+    val_cfg = parser.get_parsed_content("validate#preprocessing")
+    train_cfg = parser.get_parsed_content("train#dataset#transform")
+    first_random = train_cfg.get_index_of_first(lambda t: isinstance(t, monai.transforms.Randomizable))
+    assert first_random == len(val_cfg.transforms)  # a CacheDataset caches the whole deterministic chain
+    assert isinstance(parser.get_parsed_content("train#dataset"), CacheDataset)
+    for item in items:
+        a, b = val(dict(item)), val_cfg(dict(item))
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in ("image", "label"))
+    for seed in (0, 1, 2):
+        for chain in (train, train_cfg):
+            chain.set_random_state(seed)
+        set_determinism(seed)
+        a = [train(dict(it)) for it in items]
+        set_determinism(seed)
+        b = [train_cfg(dict(it)) for it in items]
+        for x, y in zip(a, b):
+            assert all(torch.equal(x[k], y[k]) and x[k].dtype == y[k].dtype for k in ("image", "label"))
+    set_determinism(None)
+
+
+def _doc_blocks_after(marker: str) -> tuple[dict, list[str]]:
+    """The JSON block and the shell commands that follow `marker` in docs/bundles.md."""
+    text = (REPO_ROOT / "docs" / "bundles.md").read_text()
+    text = text[text.index(marker):]
+    spec = json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))
+    commands = re.search(r"```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    return spec, commands
+
+
+@pytest.mark.slow
+def test_a_fourth_bundle_made_as_the_docs_say_builds_and_trains(tmp_path):
+    """docs/bundles.md's steps, in a copy of the recipe: write bundle.json, build, copy two files, train one epoch."""
+    import shlex
+    import shutil
+    import sys
+
+    from medpmoe.bundle.build import bundle_dirs, write_bundles
+
+    root = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "configs", root / "configs")
+    shutil.copytree(REPO_ROOT / "bundles", root / "bundles")
+    spec, commands = _doc_blocks_after("**Adding a fourth bundle**")
+    (root / "bundles" / "brain_seg").mkdir()
+    (root / "bundles" / "brain_seg" / "bundle.json").write_text(json.dumps(spec, indent=4))
+    tiny = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**TINY, "head_channels": 8}.items()]
+    for line in commands:
+        argv = shlex.split(line)
+        if argv[0] == "python":
+            argv[0] = sys.executable
+        if "monai.bundle" in argv:
+            argv += tiny + ["--output_dir", str(tmp_path / "out")]
+        proc = subprocess.run(argv, cwd=root, env=bundle_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, (line, proc.stderr[-3000:])
+    assert "brain_seg" in [d.name for d in bundle_dirs(root)] and not write_bundles(root=root, check=True)
+    assert json.loads((root / "bundles" / "brain_seg" / "train.json").read_text())["class_names"][1] == "tumour"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["epochs"] == 1 and 0.0 <= results["val_mean_iou"] <= 1.0
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -113,6 +236,20 @@ def test_cli_refuses_a_misspelled_key_and_a_float_epoch_count_first(tmp_path):
         ({"method": "gapt"}, "config key 'method': 'gapt' puts prompts at the first prompt layer only, so pMoE"),
         ({"class_balance": "balanced"}, "config key 'class_balance': unknown class_balance 'balanced' (known: none, "
                                         "loss, sampler)"),
+        # nested ids, component arguments, expert entries, method and dispatcher options: the key and the closest
+        ({"train#dataloader#num_worker": 0}, "config key 'train#dataloader#num_worker': DataLoader takes no argument "
+                                             "'num_worker'; did you mean 'num_workers'?"),
+        ({"validate#dataloadr": 0}, "config key 'validate#dataloadr' is unknown to this workflow; did you "
+                                                "mean 'dataloader'?"),
+        ({"experts": [{"name": "tiny_a", "patch_sz": 8}]}, "config key 'experts[0].patch_sz': expert 'tiny_a' takes "
+                                                           "no key 'patch_sz'; did you mean 'patch_size'?"),
+        ({"method": "gapt_deep", "method_kwargs": {"gate_int": 1.0}},
+         "config key 'method_kwargs#gate_int': the method 'gapt_deep' has no option 'gate_int'; did you mean "
+         "'gate_init'?"),
+        ({"dispatcher": "moe_mlp", "dispatcher_kwargs": {"topk": 1}}, "config key 'dispatcher_kwargs#topk': the "
+                                                                      "dispatcher 'moe_mlp' has no option 'topk'; did "
+                                                                      "you mean 'top_k'?"),
+        ({"demo_kind": None}, "config key 'datalist' is needed: this bundle has no demo data"),
     ],
 )
 def test_config_mistakes_end_with_medpmoe_error_naming_the_key(overrides, expected, tmp_path, monkeypatch):
@@ -145,19 +282,6 @@ def test_summary_note_names_the_innermost_medpmoe_error_once():
         assert outer.__notes__ == ["ConfigError: config key 'x': bad"]
     plain = RuntimeError("not ours")
     assert not hasattr(summary_note(plain), "__notes__")
-
-
-def test_recipe_macros_resolve_like_the_old_self_contained_files(monkeypatch):
-    """The parsed kvasir_seg config holds the recipe's components (what MONAI's tools and notebooks read)."""
-    monkeypatch.chdir(REPO_ROOT)
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles" / "kvasir_seg" / "train.json"))
-    parser.resolve_macro_and_relative_ids()
-    assert parser["train#trainer#_target_"] == "SupervisedTrainer"
-    assert parser["train#trainer#max_epochs"] == "@num_epochs"
-    assert parser["task_parts#key_metric"]["val_mean_iou"]["include_background"] is True
-    assert parser["task_parts#additional_metrics"]["val_fg_iou"]["include_background"] is False
-    assert parser["learning_rate"] == _recipe("train.json")["learning_rate"] and parser["head_channels"] == 64
 
 
 def test_cross_validation_package_keeps_the_old_names():

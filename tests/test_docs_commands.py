@@ -136,9 +136,15 @@ def check_mlflow_command(args: list[str]) -> None:
         raise AssertionError(f"mlflow refuses {args}: {err}") from err
 
 
+#: docs/bundles.md's example of a fourth bundle: tests/test_bundle_recipe.py builds and trains it in a copy
+NEW_BUNDLE = "bundles/brain_seg"
+
+
 def check(argv: list[str]) -> None:
     """Dispatch one documented command to its check."""
     prog, args = Path(argv[0]).name, argv[1:]
+    if any(NEW_BUNDLE in a for a in args) or args[-1:] == ["brain_seg"]:
+        return
     if prog == "make":
         targets = re.findall(r"^([\w-]+):", (REPO_ROOT / "Makefile").read_text(), re.M)
         assert all(a in targets for a in args), f"make targets {args} not all in {targets}"

@@ -1,7 +1,7 @@
 """Catch config mistakes before anything is built: unknown keys, wrong types, unknown choices, missing files.
 
 `check_config()` is the first step of every bundle's `initialize`; it reads the running config (after `--key value`
-overrides and the recipe's `%configs/...` macros) and raises `ConfigError` naming the key, with the closest known
+overrides) and raises `ConfigError` naming the key, with the closest known
 keys for a misspelling.
 """
 
@@ -12,15 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.properties import InferProperties, MetaProperties, TrainProperties
 from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY
 
+from medpmoe.bundle.config_keys import check_expert_keys, check_nested, check_options
 from medpmoe.bundle.errors import ConfigError, install_excepthook
 
-#: Keys nothing references that are still part of a workflow: entry points, imports, MONAI's property ids.
-STRUCTURAL = {"_meta_", "imports", "initialize", "run", "finalize", "training", "evaluating", "inference"} | {
+#: Keys nothing references that are still part of a workflow: entry points, imports, MONAI's property ids, the
+#: generated files' note and configs/paper's description of the paper's recipe.
+STRUCTURAL = {"_meta_", "_generated_", "paper_recipe", "imports", "initialize", "run", "finalize", "training",
+              "evaluating", "inference"} | {
     p["id"] for props in (TrainProperties, InferProperties, MetaProperties) for p in props.values()
     if ID_SEP_KEY not in p["id"]
 }
@@ -29,7 +32,7 @@ AT_LEAST = {"num_epochs": 1, "batch_size": 1, "image_size": 1, "val_interval": 1
             "learning_rate": 0, "weight_decay": 0, "aux_loss_weight": 0, "grad_clip": 0}
 BETWEEN = {"val_fraction": (0.0, 1.0), "cache_rate": (0.0, 1.0)}
 FILES = ("datalist", "folds_file", "eval_datalist")  # 'checkpoint' is checked where it is loaded, in run
-NULLABLE = {"grad_clip"}  # null switches the feature off
+NULLABLE = {"grad_clip", "demo_kind"}  # null switches the feature off (demo_kind: no demo data)
 
 
 def _running_parser() -> ConfigParser | None:
@@ -43,6 +46,24 @@ def _running_parser() -> ConfigParser | None:
     return None
 
 
+def running_workflow():
+    """The MONAI ConfigWorkflow whose config is being evaluated (found on the call stack), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigWorkflow):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def bundle_root() -> str:
+    """Config key 'bundle_root': the folder of the running workflow's first config file (the bundle's folder, as
+    given on the command line, so from any working directory); '.' outside a workflow."""
+    workflow = running_workflow()
+    return str(workflow.config_root_path) if workflow is not None else "."
+
+
 def check_config() -> None:
     """Check the running bundle config (call it as the first `initialize` step); raise ConfigError naming the key.
 
@@ -51,7 +72,8 @@ def check_config() -> None:
     install_excepthook()
     parser = _running_parser()
     if parser is not None:
-        check_parser(parser)
+        workflow = running_workflow()
+        check_parser(parser, workflow.config_root_path if workflow is not None else None)
 
 
 def _strings(value):
@@ -79,7 +101,7 @@ def bundle_defaults(bundle_root: str | Path) -> dict[str, list]:
     files = sorted(root.glob("*.json"), key=lambda f: (f.name != "train.json", f.name))
     defaults: dict[str, list] = {}
     for f in files:
-        if f.name == "metadata.json":
+        if f.name in ("metadata.json", "bundle.json"):
             continue
         parser = ConfigParser()
         parser.read_config(str(f))
@@ -94,7 +116,7 @@ def _closest(key: str, known, bundle_root) -> str:
     near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
     if near:
         return f"did you mean {' or '.join(repr(k) for k in near)}?"
-    return f"the keys are listed in {Path(bundle_root or '.') / 'train.json'} (values in configs/)"
+    return f"the keys are listed in {Path(bundle_root or '.') / 'train.json'}"
 
 
 def _is_code(value) -> bool:
@@ -119,12 +141,12 @@ def _same_kind(value, default) -> bool:
     return isinstance(value, type(default))
 
 
-def check_parser(parser: ConfigParser) -> None:
+def check_parser(parser: ConfigParser, bundle_dir: str | Path | None = None) -> None:
     """Check a parsed bundle config: every top-level key is the bundle's (train.json) or used, values have their
     default's type and range, `method` / `dispatcher` / `task` / `demo_kind` are known, `experts` entries are
-    buildable and the named files exist."""
+    buildable and the named files exist. `bundle_dir` (the folder of the bundle's config files) gives the defaults."""
     config = parser.get()
-    root = config.get("bundle_root")
+    root = bundle_dir if bundle_dir is not None and (Path(bundle_dir) / "train.json").is_file() else None
     defaults = bundle_defaults(root) if root else {}
     train_keys = set(ConfigParser.load_config_file(Path(root) / "train.json")) if root else set()
     known = used_keys(config) | train_keys | STRUCTURAL
@@ -139,6 +161,8 @@ def check_parser(parser: ConfigParser) -> None:
             raise ConfigError(f"config key {key!r} must be {_kind(default)} like its default {default!r}, "
                               f"got {value!r} ({type(value).__name__})")
     _check_values(parser, config)
+    check_options(config)
+    check_nested(parser, defaults)
 
 
 def _check_values(parser: ConfigParser, config: dict) -> None:
@@ -218,6 +242,7 @@ def _check_experts(experts: list, parser: ConfigParser) -> None:
             if checkpoint is None and not entry.get("random_init"):
                 raise ConfigError(f"config key {where!r}: expert {name!r} needs a 'checkpoint' file "
                                   "(see docs/experts.md for where each one comes from)")
+        check_expert_keys(entry, where)
         if _is_code(checkpoint):  # e.g. "$@weights_dir + '/lvmmed_vit.pth'" in the expert presets
             checkpoint = parser.get_parsed_content(f"experts{ID_SEP_KEY}{i}{ID_SEP_KEY}checkpoint")
         if checkpoint is not None and not Path(str(checkpoint)).expanduser().is_file():

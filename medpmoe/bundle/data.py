@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from medpmoe.bundle.errors import install_excepthook
+from medpmoe.bundle.errors import ConfigError, install_excepthook
 from medpmoe.data.errors import DataError
 from medpmoe.demo import make_synthetic_polyps
 
@@ -21,7 +21,7 @@ CLASS_BALANCE = ("none", "loss", "sampler")
 ITEM_SETS = (*SPLITS, "all")
 
 
-def datalist_or_demo(datalist: str | None, demo_root: str, kind: str = "polyp", demo_images: int = 48,
+def datalist_or_demo(datalist: str | None, demo_root: str, kind: str | None = "polyp", demo_images: int = 48,
                      demo_size: int = 64) -> str:
     """The user's datalist (checked to exist) or a generated synthetic set of `kind` in DEMOS, in its own folder
     under `demo_root` per settings (`medpmoe.demo.demo_dir`), so other demo settings never rewrite a run's set."""
@@ -30,6 +30,9 @@ def datalist_or_demo(datalist: str | None, demo_root: str, kind: str = "polyp", 
         if not path.is_file():
             raise FileNotFoundError(f"config key 'datalist': no datalist file at {path}")
         return str(path)
+    if kind is None:
+        raise ConfigError("config key 'datalist' is needed: this bundle has no demo data (its 'demo_kind' is null); "
+                          "pass --datalist /path/to/datalist.json")
     from medpmoe.bundle.demo_cls import make_synthetic_classification, make_synthetic_lesions
     from medpmoe.demo import demo_dir
 
@@ -100,6 +103,33 @@ def _check_split_classes(train: list[dict], val: list[dict], where: str, names: 
                         f"of {', '.join(name(c) for c in miss)}, so its AUC would be undefined (class counts: "
                         f"{class_counts_text(matrix, names)}); raise val_fraction, give the split more images of "
                         "those classes, or merge rare classes")
+
+
+def chain(*parts):
+    """One flat `DataCompose` of `parts` (Compose objects, lists of transforms or single transforms), e.g. the
+    training transform `chain(@train#preprocessing, @train#augmentation)`: flat, so that a CacheDataset caches
+    everything before the first random transform."""
+    from monai.transforms import Compose
+
+    from medpmoe.data.transforms import DataCompose
+
+    flat: list = []
+    for part in parts:
+        if isinstance(part, Compose):
+            flat += part.flatten().transforms
+        elif isinstance(part, (list, tuple)):
+            flat += list(part)
+        elif part is not None:
+            flat.append(part)
+    return DataCompose(flat)
+
+
+def eval_items(eval_datalist: str | None, datalist: str, split: str = "val", val_fraction: float = 0.2, seed: int = 0,
+               folds_file: str | None = None, fold: int = 0, task: str | None = None) -> list[dict]:
+    """What evaluation runs on: every item of `eval_datalist` when given, else `split` of the training datalist."""
+    if eval_datalist:
+        return split_items(eval_datalist, "all", task=task)
+    return split_items(datalist, split, val_fraction, seed, folds_file, fold, task)
 
 
 def split_items(datalist: str, split: str, val_fraction: float = 0.2, seed: int = 0, folds_file: str | None = None,

@@ -16,7 +16,6 @@ _HANDLER_LISTS = ("train#handlers", "val_handlers")
 def drop_tracking(workflow: ConfigWorkflow) -> None:
     """Remove the MLflow entries (MONAI's MLFlowHandler, medpmoe's ArtifactLogger) from the handler lists."""
     parser = workflow.parser
-    parser.resolve_macro_and_relative_ids()  # the lists come from the recipe through `%configs/...` macros
     for key in _HANDLER_LISTS:
         handlers = parser.get(key)
         if isinstance(handlers, list):
@@ -78,7 +77,7 @@ def output_state(config_files: str | Path | Sequence[str | Path], **overrides):
     from medpmoe.bundle.config_check import check_parser
 
     wf = _workflow(config_files, **overrides)
-    check_parser(wf.parser)
+    check_parser(wf.parser, wf.config_root_path)
     try:
         return wf.parser.get_parsed_content("run_start")
     except Exception as err:
