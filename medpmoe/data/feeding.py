@@ -221,7 +221,7 @@ class BatchFeeder:
 
 
 def train_loader(dataset, feeder: BatchFeeder, batch_size: int, sampler=None, num_workers: int | None = 0,
-                 buffer_size: int = 2, **kwargs) -> ThreadDataLoader:
+                 buffer_size: int = 2, drop_last: bool = False) -> ThreadDataLoader:
     """MONAI ThreadDataLoader over `dataset` whose batches `feeder.collate` makes, prefetched `buffer_size` ahead
     in a background thread (overlapping the training step); `num_workers` worker processes (None: none for a
     dataset wholly cached in memory, else from the cores). Shuffled unless a `sampler` is given; pinned memory on CUDA."""
@@ -230,4 +230,4 @@ def train_loader(dataset, feeder: BatchFeeder, batch_size: int, sampler=None, nu
         num_workers = 0 if info.get("cache") == "memory" and info.get("items") == len(dataset) else auto_workers()
     return ThreadDataLoader(dataset, buffer_size=buffer_size, batch_size=batch_size, sampler=sampler,
                             shuffle=sampler is None, num_workers=int(num_workers),
-                            collate_fn=feeder.collate, pin_memory=feeder.on_device, **kwargs)
+                            collate_fn=feeder.collate, pin_memory=feeder.on_device, drop_last=drop_last)
