@@ -20,8 +20,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+KVASIR_DEV := $(wildcard ../shared/data/kvasir_seg_dev)
+
+# One thread, process CPU time, median and spread of repeats (honest on a shared machine); then the bundles' own
+# training loader (kvasir_seg's train#dataloader at 224 px, batch 32; on the Kvasir dev set when it is present).
 benchmark: $(STAMP)
-	$(PY) benchmarks/bench_pmoe.py --device cpu --tiny
+	nice $(PY) benchmarks/bench_pmoe.py --device cpu --tiny --threads 1 --repeats 5 --loader none \
+		--json benchmarks/results/cpu-tiny.json
+	nice $(PY) benchmarks/bundle_loader.py --threads 1 --repeats 5 $(if $(KVASIR_DEV),--data $(KVASIR_DEV)) \
+		--json benchmarks/results/loader-cpu.json
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -230,4 +230,5 @@ def train_loader(dataset, feeder: BatchFeeder, batch_size: int, sampler=None, nu
         num_workers = 0 if info.get("cache") == "memory" and info.get("items") == len(dataset) else auto_workers()
     return ThreadDataLoader(dataset, buffer_size=buffer_size, batch_size=batch_size, sampler=sampler,
                             shuffle=sampler is None, num_workers=int(num_workers),
-                            collate_fn=feeder.collate, pin_memory=feeder.on_device, drop_last=drop_last)
+                            collate_fn=feeder.collate, pin_memory=feeder.on_device and torch.cuda.is_available(),
+                            drop_last=drop_last)
