@@ -49,7 +49,8 @@ def test_every_config_parses_with_its_entry_point(bundle, tmp_path, monkeypatch)
     parser = ConfigParser()
     parser.read_config([str(root / "train.json"), str(root / "multi_gpu_train.json")])
     assert parser["network"]["_target_"].endswith("DistributedDataParallel")
-    assert parser["network"]["find_unused_parameters"] == "$@network_def.dispatcher is not None"
+    assert parser["network"]["static_graph"] is True  # unused parameters and the SETR aux heads (see below)
+    assert "ddp_ignore_executor(medpmoe.models.use_fast_path(" in parser["network"]["module"]
     assert parser["device"] == "$medpmoe.bundle.init_distributed()"
     loader = parser["train"]["dataloader"]
     assert loader["sampler"] == "@train#sampler" and loader["shuffle"] == "$@train#sampler is None"
@@ -74,9 +75,9 @@ def test_distributed_sampler_shards_only_when_distributed(monkeypatch):
     assert list(val) == [1, 3, 5, 7]  # validation: no item repeated to pad the shards
 
 
-def test_ddp_finds_unused_parameters_exactly_when_a_dispatcher_exists():
-    """multi_gpu_train.json sets find_unused_parameters = (dispatcher is not None): the dispatcher's first-layer map
-    gets no gradient (no prompt outputs before the first prompt layer); with no dispatcher every trainable part does."""
+def test_unused_parameters_exist_exactly_when_a_dispatcher_exists():
+    """Why multi_gpu_train.json uses DDP's static graph: the dispatcher's first-layer map gets no gradient (no prompt
+    outputs before the first prompt layer); with no dispatcher every trainable part does."""
     from medpmoe.models import build_model
 
     images = torch.rand(2, 3, 32, 32)
