@@ -69,7 +69,8 @@ class Compactd(MapTransform):
         y = d.get(self.label_key)
         if isinstance(y, torch.Tensor):
             y = y.as_subclass(torch.Tensor)
-            if y.ndim == x.ndim and not y.is_floating_point() and (y.numel() == 0 or 0 <= int(y.min()) and int(y.max()) < 256):
+            small = y.numel() == 0 or 0 <= int(y.min()) and int(y.max()) < 256
+            if y.ndim == x.ndim and not y.is_floating_point() and small:
                 y = y.to(torch.uint8)
             d[self.label_key] = y
         return d
@@ -224,7 +225,8 @@ def train_loader(dataset, feeder: BatchFeeder, batch_size: int, sampler=None, nu
                  buffer_size: int = 2, drop_last: bool = False) -> ThreadDataLoader:
     """MONAI ThreadDataLoader over `dataset` whose batches `feeder.collate` makes, prefetched `buffer_size` ahead
     in a background thread (overlapping the training step); `num_workers` worker processes (None: none for a
-    dataset wholly cached in memory, else from the cores). Shuffled unless a `sampler` is given; pinned memory on CUDA."""
+    dataset wholly cached in memory, else from the cores). Shuffled unless a `sampler` is given; pinned memory on
+    CUDA."""
     if num_workers is None:  # a cache wholly in memory needs no worker processes: the loader thread stacks
         info = getattr(dataset, "cache_info", {})
         num_workers = 0 if info.get("cache") == "memory" and info.get("items") == len(dataset) else auto_workers()
