@@ -37,7 +37,10 @@ def test_config_has_the_documented_entry_points():
 
 @pytest.mark.slow
 def test_documented_command_trains_and_writes_outputs(tmp_path):
-    proc = subprocess.run(_cli(tmp_path, "--num_epochs", "1"), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    """Issue 22's acceptance command, `... --train#trainer#max_epochs 1` (a nested id), run from another folder."""
+    (tmp_path / "elsewhere").mkdir()
+    proc = subprocess.run(_cli(tmp_path, "--train#trainer#max_epochs", "1"), cwd=tmp_path / "elsewhere", env=_env(),
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())

@@ -54,6 +54,28 @@ def test_evaluate_writes_metrics_json(trained, monkeypatch):
 
 
 @pytest.mark.slow
+def test_evaluation_names_its_metrics_by_the_split_it_ran_on(trained, tmp_path, monkeypatch):
+    """`--eval_split test`: eval_metrics.json, the console and the MLflow evaluation run say test_*, not val_*."""
+    import mlflow
+
+    monkeypatch.chdir(REPO_ROOT)
+    demo = trained / "synthetic_data" / "classification_12x32px_seed0"
+    doc = json.loads((demo / "datalist.json").read_text())
+    doc["test"], doc["training"] = doc["training"][:6], doc["training"][6:]
+    (demo / "with_test.json").write_text(json.dumps(doc))
+    out = tmp_path / "test_metrics.json"
+    run_bundle([TRAIN, EVAL], output_dir=str(trained), datalist=str(demo / "with_test.json"), eval_split="test",
+               eval_output=str(out), **TINY)
+    metrics = json.loads(out.read_text())
+    assert {"test_auc", "test_acc"} <= set(metrics) and not [k for k in metrics if k.startswith("val_")]
+    client = mlflow.MlflowClient(f"sqlite:///{trained / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="params.eval_split = 'test'")
+    assert runs and {"test_auc", "test_acc"} <= set(runs[0].data.metrics)
+    assert not [k for k in runs[0].data.metrics if k.startswith("val_")]
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_checkpoint_of_other_experts(trained, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     other = [dict(EXPERTS[0], embed_dim=16), EXPERTS[1]]

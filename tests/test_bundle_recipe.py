@@ -40,6 +40,29 @@ def test_generated_bundle_files_are_up_to_date():
     assert not stale, f"out of date: {[str(p) for p in stale]}: run `python -m medpmoe.bundle.build`"
 
 
+def test_the_build_runs_from_any_folder_and_names_a_misspelled_bundle_key(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from medpmoe.bundle.build import main
+
+    monkeypatch.chdir(tmp_path)  # not a repository: the build finds this medpmoe's configs/ and bundles/
+    assert main(["--check"]) == 0
+    root = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "configs", root / "configs")
+    (root / "bundles" / "x").mkdir(parents=True)
+    cases = [({"task": "segmentaton"}, "key 'task': no task file"),
+             ({"task": "segmentation", "train": {"clas_names": ["a", "b"]}}, "key 'clas_names': the config has no "
+                                                                           "'clas_names'; did you mean 'class_names'?"),
+             ({"task": "segmentation", "train": {"validate#dataloadr#num_workers": 1}}, "did you mean 'dataloader'?"),
+             ({"task": "segmentation"}, "recipe key 'output_dir' is 'set by bundles/<name>/bundle.json'"),
+             ({"task": "segmentation", "trian": {}}, "key 'trian' is not a bundle.json key; did you mean 'train'?")]
+    for spec, expected in cases:
+        (root / "bundles" / "x" / "bundle.json").write_text(json.dumps(spec))
+        assert main(["--root", str(root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ConfigError: ") and expected in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_a_bundle_states_what_differs_and_its_files_are_self_contained_monai_configs(bundle):
     root = REPO_ROOT / "bundles" / bundle
@@ -76,8 +99,8 @@ def test_the_recipe_spells_out_its_components(monkeypatch):
     assert parser["train#dataset#_target_"] == "medpmoe.data.cached_dataset"
     assert parser["train#dataset#transform"] == "@train#preprocessing"  # cached once, compact
     assert parser["train#trainer#prepare_batch"] == "$@train#batches.prepare"
-    assert parser["validate#key_metric#val_mean_iou#include_background"] is True
-    assert parser["validate#additional_metrics#val_fg_iou#include_background"] is False
+    assert parser["validate#key_metric#mean_iou#include_background"] is True  # named val_mean_iou in training
+    assert parser["validate#additional_metrics#fg_iou#include_background"] is False
     recipe = ConfigParser.load_config_file(REPO_ROOT / "configs" / "train.json")
     assert parser["learning_rate"] == recipe["learning_rate"]
     assert all(isinstance(h, dict) and "_target_" in h for h in parser["train#handlers"])
@@ -250,6 +273,16 @@ def test_config_mistakes_end_with_medpmoe_error_naming_the_key(overrides, expect
                    **{**TINY, **overrides, "output_dir": str(tmp_path)})
     assert info.value.__notes__[-1].startswith("ConfigError: " + expected)
     assert not (tmp_path / "synthetic_data").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_a_nested_id_under_a_misspelled_parent_names_the_closest_key_in_python(tmp_path):
+    """MONAI's command line refuses `--train#trainr#max_epochs 1` itself (KeyError 'query key: trainr', before any
+    medpmoe code runs); run_bundle, notebooks and cross-validation name the closest key instead."""
+    with pytest.raises(ConfigError) as info:
+        run_bundle(str(REPO_ROOT / "bundles" / "kvasir_seg" / "train.json"), tracking=False,
+                   **{"train#trainr#max_epochs": 1, "output_dir": str(tmp_path)})
+    assert str(info.value) == ("config key 'train#trainr#max_epochs': the config has no 'train#trainr'; did you mean "
+                               "'trainer'?")
 
 
 def test_missing_checkpoint_names_the_key(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Every shell command shown in README.md and docs/ is checked against the code it calls, so a renamed option, config
 key, module or file cannot leave the docs wrong: bundle commands parse with their config files and every `--key` is a
 key of that workflow with a value of its type; medpmoe/script/benchmark command lines parse with their own argparse
-parser; make targets, mlflow options and test files exist. (The README's two commands run for real in CI; the
-documented demo commands run in tests/test_bundle_*.py.)"""
+parser; make targets, mlflow options and test files exist. (tests/test_docs_run.py runs the same commands on demo
+data.)"""
 
 from __future__ import annotations
 

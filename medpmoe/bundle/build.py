@@ -75,9 +75,9 @@ def read_bundle(bundle_dir: Path) -> dict:
     return spec
 
 
-def _apply(parser: ConfigParser, overrides: dict, where: str) -> None:
-    """Set each `id: value` of `overrides` (MONAI ids, '#' for nesting); an id whose parent or top-level key the
-    recipe lacks stops with the closest key."""
+def apply_overrides(parser: ConfigParser, overrides: dict, where: str = "", new_keys: bool = False) -> None:
+    """Set each `id: value` of `overrides` (MONAI ids, '#' for nesting) as MONAI does; an id whose parent (or, unless
+    `new_keys`, whose top-level key) the config lacks stops with a ConfigError naming the closest key."""
     for key, value in overrides.items():
         parts = ReferenceResolver.split_id(key.lstrip("+"))
         for depth in range(1, len(parts) + 1):
@@ -85,11 +85,10 @@ def _apply(parser: ConfigParser, overrides: dict, where: str) -> None:
             if sub in parser:
                 continue
             parent = parser[SEP.join(parts[: depth - 1])] if depth > 1 else parser.get()
-            last = depth == len(parts)
-            if last and depth > 1 and isinstance(parent, dict):
+            if depth == len(parts) and isinstance(parent, dict) and (depth > 1 or new_keys):
                 break  # a new entry in an existing dict (e.g. another argument of a component)
             known = parent.keys() if isinstance(parent, dict) else [str(i) for i in range(len(parent or []))]
-            raise ConfigError(f"{where}: key {key!r}: the recipe has no {sub!r}{_closest(parts[depth - 1], known)}")
+            raise ConfigError(f"{where}key {key!r}: the config has no {sub!r}{_closest(parts[depth - 1], known)}")
         merge_kv(parser, key, value)
 
 
@@ -120,7 +119,7 @@ def build_bundle(bundle_dir: Path, root: Path | None = None) -> dict[str, dict]:
     for name, section in WORKFLOWS.items():
         sources = [configs / name] + ([task_file] if name == "train.json" else [])
         parser = ConfigParser(ConfigParser.load_config_files([str(s) for s in sources]))
-        _apply(parser, spec.get(section) or {}, f"{bundle_dir / 'bundle.json'} section {section!r}")
+        apply_overrides(parser, spec.get(section) or {}, f"{bundle_dir / 'bundle.json'} section {section!r}: ")
         config = parser.get()
         if name == "train.json":
             left = list(_slots(config))

@@ -143,6 +143,12 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
+def prefixed(prefix: str, metrics: dict) -> dict:
+    """`metrics` (name -> metric handler) named `<prefix>_<name>`: the split they are computed on (`val_mean_iou` in
+    training, `test_mean_iou` for an evaluation of `--eval_split test`)."""
+    return {f"{prefix}_{name}": metric for name, metric in (metrics or {}).items()}
+
+
 def write_metrics(evaluator, path: str, **extra) -> dict:
     """Write the evaluator's scalar metrics (plus `extra` values) to a JSON file atomically and print them."""
     result = {**_scalars(evaluator.state.metrics), **extra}

@@ -54,10 +54,15 @@ def model_from_checkpoint(checkpoint: str | Path, expert_files=None, device="cpu
 
 
 def _workflow(config_files: str | Path | Sequence[str | Path], **overrides) -> ConfigWorkflow:
+    """The workflow of `config_files` with `overrides` set as MONAI sets them; a nested id whose parent the config
+    lacks (`train#trainr#max_epochs`) is a ConfigError naming the closest key (MONAI: a bare KeyError)."""
+    from medpmoe.bundle.build import apply_overrides
+
     files = [str(config_files)] if isinstance(config_files, (str, Path)) else [str(f) for f in config_files]
     meta = Path(files[0]).parent / "metadata.json"
-    return ConfigWorkflow(config_file=files, meta_file=str(meta) if meta.is_file() else None, workflow_type=None,
-                          **overrides)
+    wf = ConfigWorkflow(config_file=files, meta_file=str(meta) if meta.is_file() else None, workflow_type=None)
+    apply_overrides(wf.parser, overrides, "config ", new_keys=True)
+    return wf
 
 
 def _release(wf: ConfigWorkflow) -> None:

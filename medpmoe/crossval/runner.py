@@ -161,7 +161,7 @@ class _Tracker:
 def _mlflow_params(params: dict) -> list:
     from mlflow.entities import Param
 
-    return [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+    return [Param(str(k).replace("::", ".").replace("#", "."), str(v)[:6000]) for k, v in params.items()]  # nested ids
 
 
 def summarise(fold_results: list[dict]) -> dict:

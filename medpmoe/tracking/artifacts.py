@@ -55,7 +55,7 @@ def checkpoint_title(checkpoint: str | Path | None, metric_name: str | None = No
         return Path(checkpoint).name
     bits = [f"epoch {meta['epoch']}"] if meta.get("epoch") is not None else []
     if meta.get("metric") is not None:
-        bits.append(f"{metric_name or 'key metric'} {meta['metric']:.3f}")
+        bits.append(f"{meta.get('metric_name') or metric_name or 'key metric'} {meta['metric']:.3f}")
     return f"{Path(checkpoint).name}" + (f" ({', '.join(bits)})" if bits else "")
 
 
