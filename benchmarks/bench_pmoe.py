@@ -4,7 +4,8 @@ would write, lever by lever, in one run; write everything as JSON (see benchmark
     python benchmarks/bench_pmoe.py --json benchmarks/results/h100.json     # GPU: K = 1, 3 ViT-B/16, ~6 min
     python benchmarks/bench_pmoe.py --device cpu --tiny --json /tmp/b.json  # CPU smoke run (tiny ViTs)
 
-The model part imports only torch, timm and medpmoe's model modules; the loader part uses MONAI when present.
+The model part imports only torch, timm and medpmoe's model modules; the loader part (the bundle's own loader)
+needs MONAI and is skipped without it.
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ def clock(device: torch.device):
     return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
-def bench(fn, device, warmup: int, iters: int, repeats: int) -> tuple[float, float | None]:
-    """Median seconds per call over `repeats` blocks of `iters` calls, and peak GPU memory (MiB; None on CPU)."""
+def bench(fn, device, warmup: int, iters: int, repeats: int) -> tuple[float, float | None, float]:
+    """Median seconds per call over `repeats` blocks of `iters` calls, peak GPU memory (MiB; None on CPU) and the
+    spread of the blocks ((max - min) / median, in %)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -166,7 +168,8 @@ def bench(fn, device, warmup: int, iters: int, repeats: int) -> tuple[float, flo
         sync(device)
         times.append((tick() - t0) / iters)
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), mem
+    med = statistics.median(times)
+    return med, mem, 100 * (max(times) - min(times)) / med if med > 0 else 0.0
 
 
 def steps(model: nn.Module, images, labels, amp: torch.dtype | None, cudagraphs: bool):
@@ -277,13 +280,14 @@ def time_variant(run: Run, k: int, name: str, lever: int, kind: str, settings: d
     train, infer = steps(net, images, labels, amp, cudagraphs and device.type == "cuda")
     for mode, fn in (("train", train), ("infer", infer)):
         t0 = run.elapsed()
-        dt, mem = bench(fn, device, args.warmup, args.iters, args.repeats)
+        dt, mem, spread = bench(fn, device, args.warmup, args.iters, args.repeats)
         ips = args.batch / dt
         flops = run.doc["flops"][str(k)][mode]
         tflops = flops / dt / 1e12
         base.setdefault((mode, lever), ips)
         peak = run.doc["config"]["peak_tflops"]
-        row = dict(K=k, mode=mode, variant=name, lever=lever, images_per_s=round(ips, 2), step_ms=round(dt * 1e3, 3),
+        row = dict(K=k, mode=mode, variant=name, lever=lever, images_per_s=round(ips, 2), spread_pct=round(spread, 1),
+                   step_ms=round(dt * 1e3, 3),
                    peak_mib=None if mem is None else round(mem), tflops=float(f"{tflops:.4g}"),
                    pct_peak=None if not peak else round(100 * tflops / peak, 2),
                    x_ref_bf16=round(ips / base[(mode, 0)], 3) if (mode, 0) in base else None,
@@ -356,24 +360,25 @@ def run_k(run: Run, k: int, stage: str = "main") -> None:
 
 
 def loader_bench(run: Run) -> None:
-    """The data path alone, 224 px batches: GPU-side transforms from a cached uint8 set (torch only), and MONAI
-    CacheDataset + ThreadDataLoader with CPU transforms when MONAI is installed."""
-    from benchmarks.loader import gpu_loader_rate, monai_loader_rate
-
+    """The bundles' own training loader alone (`benchmarks/bundle_loader.py`: kvasir_seg's `train#dataloader`, on
+    `--loader-data` or the bundle's demo data), as a GPU trainer gets it; skipped without MONAI."""
     args = run.args
-    size = 64 if args.tiny else 224
-    for kind in (["gpu", "monai"] if args.loader == "auto" else [args.loader]):
-        if kind == "none":
-            continue
-        try:
-            fn = gpu_loader_rate if kind == "gpu" else monai_loader_rate
-            result = fn(run.device, args.batch, size, batches=4 if args.tiny else 40)
-        except ImportError as exc:
-            run.doc["skipped"].append(f"loader {kind}: {exc}")
-            continue
-        run.doc["loader"].append(result)
-        run.log(f"loader {result['path']}: {result['images_per_s']:.0f} images/s")
-        run.save()
+    if args.loader == "none":
+        return
+    try:
+        from benchmarks.bundle_loader import measure
+
+        row = measure("kvasir_seg", args.loader_data, 64 if args.tiny else 224, 32, repeats=args.repeats,
+                      gpu_trainer=run.device.type == "cuda")
+    except ImportError as exc:
+        run.doc["skipped"].append(f"bundle loader: {exc}")
+        return
+    row["path"] = f"{row['bundle']} train#dataloader ({row['mode']}, {row['data']})"
+    if "images_per_s_on_gpu" in row:  # what training gets: loader + transfer + GPU augmentation
+        row["images_per_s"] = row["images_per_s_on_gpu"]
+    run.doc["loader"].append(row)
+    run.log(f"loader {row['path']}: {row['images_per_s']:.0f} images/s")
+    run.save()
 
 
 def fmt(r: dict) -> str:
@@ -402,8 +407,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                    help="also time FP8 expert weights (default: on where supported, CUDA only)")
     p.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference column")
-    p.add_argument("--loader", default="auto", choices=["auto", "gpu", "monai", "none"],
-                   help="data-path benchmark: auto = GPU-side transforms, and MONAI's when installed")
+    p.add_argument("--loader", default="bundle", choices=["bundle", "none"],
+                   help="data-path benchmark: the kvasir_seg bundle's own train#dataloader (needs MONAI)")
+    p.add_argument("--loader-data", default=None, help="Kvasir-layout folder for the loader (default: demo data)")
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="compiled/FP8 variants that would end past this many seconds are skipped (and recorded)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for the %% column")

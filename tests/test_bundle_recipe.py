@@ -95,10 +95,10 @@ def test_the_recipe_spells_out_its_components(monkeypatch):
     assert parser["validate#dataset#transform"] == "@validate#preprocessing"  # MONAI's property layout
     names = [t["_target_"].rsplit(".", 1)[-1] for t in parser["validate#preprocessing#transforms"]]
     assert names[1:3] == ["LoadMedicalImaged", "ToPlane2Dd"] and names[-2:] == ["Resized", "CastToTyped"]
-    assert all(t["_target_"].startswith(("Rand", "ScaleIntensityRanged", "CastToTyped"))
-               for t in parser["train#augmentation#transforms"])
-    chain = "$medpmoe.bundle.chain(@train#preprocessing, @train#augmentation)"
-    assert parser["train#dataset#transform"] == chain
+    assert parser["train#augmentation#_target_"] == "medpmoe.data.BatchAugment"  # random part: per batch, on device
+    assert parser["train#dataset#_target_"] == "medpmoe.data.cached_dataset"
+    assert parser["train#dataset#transform"] == "@train#preprocessing"  # cached once, compact
+    assert parser["train#trainer#prepare_batch"] == "$@train#batches.prepare"
     assert parser["validate#key_metric#mean_iou#include_background"] is True  # named val_mean_iou in training
     assert parser["validate#additional_metrics#fg_iou#include_background"] is False
     recipe = ConfigParser.load_config_file(REPO_ROOT / "configs" / "train.json")
@@ -130,23 +130,12 @@ def test_the_config_transform_lists_equal_the_python_chains(task, tmp_path, monk
     else:
         val, train = (classification_transforms(size, t, n, vertical_flip=True) for t in (False, True))
     val_cfg = parser.get_parsed_content("validate#preprocessing")
-    train_cfg = parser.get_parsed_content("train#dataset#transform")
-    first_random = train_cfg.get_index_of_first(lambda t: isinstance(t, monai.transforms.Randomizable))
-    assert first_random == len(val_cfg.transforms)  # a CacheDataset caches the whole deterministic chain
-    assert isinstance(parser.get_parsed_content("train#dataset"), CacheDataset)
+    assert parser.get_parsed_content("train#dataset#transform") is val_cfg  # one deterministic chain, cached
+    assert parser.get_parsed_content("train#dataset").cache_info["cache"] == "memory"
+    assert parser.get_parsed_content("train#augmentation").vertical_flip is True
     for item in items:
         a, b = val(dict(item)), val_cfg(dict(item))
         assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in ("image", "label"))
-    for seed in (0, 1, 2):
-        for chain in (train, train_cfg):
-            chain.set_random_state(seed)
-        set_determinism(seed)
-        a = [train(dict(it)) for it in items]
-        set_determinism(seed)
-        b = [train_cfg(dict(it)) for it in items]
-        for x, y in zip(a, b):
-            assert all(torch.equal(x[k], y[k]) and x[k].dtype == y[k].dtype for k in ("image", "label"))
-    set_determinism(None)
 
 
 def _doc_blocks_after(marker: str) -> tuple[dict, list[str]]:
@@ -260,7 +249,9 @@ def test_cli_refuses_a_misspelled_key_and_a_float_epoch_count_first(tmp_path):
         ({"class_balance": "balanced"}, "config key 'class_balance': unknown class_balance 'balanced' (known: none, "
                                         "loss, sampler)"),
         # nested ids, component arguments, expert entries, method and dispatcher options: the key and the closest
-        ({"train#dataloader#num_worker": 0}, "config key 'train#dataloader#num_worker': DataLoader takes no argument "
+        ({"validate#dataloader#num_worker": 0}, "config key 'validate#dataloader#num_worker': DataLoader takes no "
+                                                "argument 'num_worker'; did you mean 'num_workers'?"),
+        ({"train#dataloader#num_worker": 0}, "config key 'train#dataloader#num_worker': train_loader takes no argument "
                                              "'num_worker'; did you mean 'num_workers'?"),
         ({"validate#dataloadr": 0}, "config key 'validate#dataloadr' is unknown to this workflow; did you "
                                                 "mean 'dataloader'?"),

@@ -22,7 +22,7 @@ def _load(name):
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     doc = _load("bench_pmoe").main(["--device", "cpu", "--tiny", "--experts", "2", "--batch", "2", "--warmup", "0",
-                                    "--iters", "1", "--repeats", "1", "--loader", "gpu", "--json", str(out)])
+                                    "--iters", "1", "--repeats", "1", "--loader", "none", "--json", str(out)])
     return doc, out
 
 
@@ -39,7 +39,7 @@ def test_benchmark_writes_every_lever_with_device_versions_and_commit(result, ca
         assert rows[(2, mode, "reference bf16 autocast (eager)")]["x_ref_bf16"] == 1.0
     assert saved["flops"]["2"]["train"] > 1.5 * saved["flops"]["2"]["infer"]  # forward + activation backward
     assert saved["accuracy"]["K=2 max |reference - medpmoe| logits, fp32"] < 1e-5  # the reference is the same maths
-    assert saved["loader"][0]["images_per_s"] > 0 and not saved["errors"]
+    assert all(r["spread_pct"] >= 0 for r in saved["rows"]) and not saved["errors"]
 
 
 def test_report_renders_the_tables_into_the_markers(result, tmp_path):
@@ -63,3 +63,12 @@ def test_model_modules_and_benchmark_import_no_monai():
             "print([x for x in ('monai', 'mlflow', 'ignite') if x in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_bundle_loader_benchmark_times_the_bundles_own_loader():
+    measure = _load("bundle_loader").measure
+    rows = {gpu: measure("kvasir_seg", None, image_size=32, batch=8, repeats=2, gpu_trainer=gpu) for gpu in (True, False)}
+    assert rows[True]["mode"] == "gpu trainer" and rows[False]["mode"] == "cpu trainer"
+    for r in rows.values():
+        assert r["items"] == 40 and r["cache"]["cache"] == "memory" and r["images_per_s"] > 0 and r["spread_pct"] >= 0
+    assert rows[True]["images_per_s"] > rows[False]["images_per_s"]  # uint8 handed over vs augmented on the CPU

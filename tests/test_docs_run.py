@@ -39,6 +39,9 @@ SKIP = [
     (r"-m pytest .*-m gpu", "needs a CUDA device (GPU tests skip here)"),
     (r"benchmarks/bench_pmoe\.py", "a benchmark that writes benchmarks/results/ (make benchmark runs the CPU one)"),
     (r"benchmarks/report\.py", "rewrites docs/performance.md from a benchmark's results"),
+    (r"benchmarks/bundle_loader\.py", "the loader benchmark on the Kvasir dev set (tests/test_core_benchmark.py times it "
+                                      "on demo data)"),
+    (r"^make gpu-check", "for a GPU machine (tests/test_gpu_check.py runs its CPU dry run); -prep downloads wheels"),
     (r"^mlflow (ui|models serve)", "starts a server that runs until it is stopped"),
     (r"^curl ", "talks to the `mlflow models serve` server above"),
     (r"--nnodes=2", "needs two machines; the single-node torchrun commands run"),

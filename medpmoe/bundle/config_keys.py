@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from pydoc import locate
+from pydoc import ErrorDuringImport, locate
 
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
@@ -68,7 +68,10 @@ def _resolve_target(name: str, locator: ComponentLocator):
     module = locator.get_component_module_name(name)
     if isinstance(module, list):
         module = module[0]
-    return locate(f"{module}.{name}" if module else name)
+    try:
+        return locate(f"{module}.{name}" if module else name)
+    except ErrorDuringImport:  # an optional package is missing (e.g. MLflow on a GPU image): nothing to check
+        return None
 
 
 def _referenced(config: dict) -> set[str]:

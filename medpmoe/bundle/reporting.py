@@ -59,9 +59,11 @@ def _best_checkpoint(checkpoint_dir: str | None) -> tuple[int, float] | None:
 
 
 def final_report(evaluator, output_dir: str, metric_name: str, trainer=None, checkpoint_dir: str | None = None,
-                 tracking_uri: str | None = None) -> dict:
+                 tracking_uri: str | None = None, execution: str | None = None) -> dict:
     """Print the key metric (last and best) beside the other validation metrics, and where the checkpoint, the
-    results and the MLflow store are; write `output_dir/results.json` (atomically).
+    results and the MLflow store are; write `output_dir/results.json` (atomically). `execution` (e.g.
+    `medpmoe.models.execution_path(network)`) names the path the model ran: the batched executor or the plain loop
+    and why.
 
     An unchanged re-run of a finished run trains nothing (`medpmoe.training.start_run`): its results are reported.
     """
@@ -85,6 +87,8 @@ def final_report(evaluator, output_dir: str, metric_name: str, trainer=None, che
         results.update(epochs=int(trainer.state.epoch), iterations=int(trainer.state.iteration))
     others = {k: v for k, v in _scalars(state.metrics).items() if k != metric_name}
     results.update(others)
+    if execution:
+        results["execution"] = execution
     print(
         f"final {metric_name} = {results[metric_name]:.4f} (best {results['best_' + metric_name]:.4f} "
         f"at epoch {results['best_epoch']})" + (f"; {METRIC_LABELS[metric_name]}" if metric_name in METRIC_LABELS
@@ -94,6 +98,8 @@ def final_report(evaluator, output_dir: str, metric_name: str, trainer=None, che
     if others:
         print("last epoch: " + ", ".join(f"{METRIC_LABELS.get(k, k)} ({k}) {v:.4f}" for k, v in others.items()),
               flush=True)
+    if execution:
+        print(f"model execution: {execution}", flush=True)
     atomic_write_text(out, json.dumps(results, indent=1))
     if checkpoint_dir is not None:
         print(f"checkpoints: {Path(checkpoint_dir) / 'best.pt'} (best), {Path(checkpoint_dir) / 'last.pt'} "

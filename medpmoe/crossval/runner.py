@@ -19,7 +19,6 @@ import numpy as np
 
 from medpmoe.crossval.folds import load_folds, make_folds, save_folds
 from medpmoe.files import atomic_write_text
-from medpmoe.tracking.scrub import scrub_params
 
 STATE_FILE = "cv_state.json"
 RESULTS_FILE = "cv_results.json"
@@ -93,6 +92,8 @@ class _Tracker:
         if run is None:
             name = f"cv_{time.strftime('%Y%m%d_%H%M%S')}"
             run = self.client.create_run(self.exp_id, run_name=name, tags={"medpmoe.cv": "parent", **tags})
+            from medpmoe.tracking.scrub import scrub_params  # here: fold splitting must not need MLflow
+
             self.client.log_batch(run.info.run_id, params=_mlflow_params(scrub_params(params)))
             atomic_write_text(state_path, json.dumps({"parent_run_id": run.info.run_id, "tracking_uri": self.uri,
                                                       "params": params}))

@@ -7,6 +7,9 @@ import importlib
 
 _NAMES = {
     "DataCacheDataset": "dataset", "make_dataset": "dataset",
+    "BatchAugment": "batch_augment",
+    "BatchFeeder": "feeding", "Compactd": "feeding", "auto_workers": "feeding", "cached_dataset": "feeding",
+    "train_loader": "feeding",
     "atomic_write_text": "datalist", "load_datalist": "datalist", "read_datalist_file": "datalist",
     "write_datalist": "datalist",
     "DataError": "errors", "DataReport": "errors",

@@ -12,6 +12,26 @@ from medpmoe.data.errors import DataError, find_data_error, problems_message, re
 CACHE_MODES = ("none", "memory", "disk")
 
 
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar (when tqdm is installed and `enabled`), else a no-op with the same `update`/`close`."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit="item", mininterval=1.0)
+        except ImportError:
+            pass
+
+    class _Quiet:
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return _Quiet()
+
+
 class _Surface:
     def __getitem__(self, index):
         try:
@@ -39,6 +59,7 @@ class DataCacheDataset(_Surface, CacheDataset):
         indices = list(range(self.cache_num)) if indices is None else list(indices)
         problems: list[tuple[str, str]] = []
         out = []
+        bar = _progress(len(indices), "caching", bool(self.progress))
         with ThreadPoolExecutor(max(1, int(self.num_workers or 1))) as pool:  # leaving the block joins the workers
             futures = [pool.submit(self._load_cache_item, i) for i in indices]
             for i, fut in zip(indices, futures):
@@ -51,6 +72,8 @@ class DataCacheDataset(_Surface, CacheDataset):
                             f.cancel()
                         raise
                     problems.append(_split_problem(str(err), self.data[i]))
+                bar.update()
+        bar.close()
         if problems:
             raise DataError(problems_message(problems, "bad items while caching the dataset"))
         return out

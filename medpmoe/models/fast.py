@@ -136,3 +136,39 @@ def to_device(batch, device: str | torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def use_fast_path(model: nn.Module, amp: bool = False, enabled: bool = True) -> nn.Module:
+    """What the bundles call on their network: the batched executor whenever `unsupported_reason` allows it, its
+    frozen expert matmul weights in the compute dtype (bf16 when `amp` on CUDA, else the weights' own), the plain
+    loop otherwise (`model.executor_reason` says why); `enabled=False` (config key 'fast_path') keeps the plain
+    loop. Nothing saved changes: the executor's stacked weights are non-persistent buffers."""
+    if not enabled:
+        if model.executor is not None:
+            model.executor.release(model)
+        model.executor, model.executor_reason = None, "config key 'fast_path' is false"
+        return model
+    cuda = next(model.parameters()).device.type == "cuda"
+    return accelerate(model, FastConfig(amp="bf16" if amp and cuda else None))
+
+
+def execution_path(model: nn.Module) -> str:
+    """Which path a model's prompted forward runs, in words: the batched executor (and its weight dtype) or the
+    plain per-expert loop and why (a DistributedDataParallel wrapper is looked through)."""
+    model = getattr(model, "module", model)
+    executor = getattr(model, "executor", None)
+    if executor is not None:
+        dtype = "fp8" if executor.fp8 else str(executor.mm_dtype).removeprefix("torch.")
+        return f"batched executor ({dtype} expert weights)"
+    return f"plain loop ({getattr(model, 'executor_reason', None) or 'not accelerated'})"
+
+
+def ddp_ignore_executor(model: nn.Module) -> nn.Module:
+    """Tell DistributedDataParallel not to broadcast the executor's stacked expert weights (derived, identical on
+    every rank: broadcasting them each step would move every frozen weight again); returns the model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [f"executor.{n}" for n, _ in model.executor.named_buffers()] if model.executor is not None else []
+    if names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return model

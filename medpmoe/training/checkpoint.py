@@ -168,7 +168,10 @@ class ResumableCheckpoint:
                     group["lr"] = base * fn(sched.last_epoch)
 
     def save(self, engine) -> None:
-        """Write `best.pt` on improvement and `last.pt` every epoch, both atomically."""
+        """Write `best.pt` on improvement and `last.pt` every epoch, both atomically; under torch.distributed only
+        rank 0 writes (every rank still loads `last.pt` to resume)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
         metric = None
         if self.evaluator is not None and self.metric_name:
             metric = self.evaluator.state.metrics.get(self.metric_name)

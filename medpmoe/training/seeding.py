@@ -35,3 +35,6 @@ class EpochSeed:
         loader = getattr(engine, "data_loader", None)
         if loader is not None and getattr(loader, "dataset", None) is not None:
             set_rnd(loader.dataset, seed)
+        feeder = getattr(getattr(engine, "prepare_batch", None), "__self__", None)  # medpmoe.data.BatchFeeder
+        if hasattr(feeder, "set_seed"):  # batch augmentation: its own stream, restarted per epoch
+            feeder.set_seed(seed)
