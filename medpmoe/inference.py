@@ -155,20 +155,26 @@ def _model_device(network: torch.nn.Module) -> torch.device:
 class InferenceDataset(Dataset):
     """Inference items ({"image": path or in-memory image}) through the validation chain `transform`: one item per
     input holding its preprocessed plane(s) (a 3-D volume: the `slices` chosen, each through the chain), or why it is
-    skipped (unreadable, or of another kind than `trained_kinds` unless not `check_inputs`)."""
+    skipped (unreadable, or of another kind than `trained_kinds` unless not `check_inputs`). The evaluator's
+    `PredictionCollector` sets `trained_kinds` (the model's) and `skip` (inputs already written) when the run
+    starts; a skipped input is passed over unread."""
 
-    def __init__(self, data: Sequence, transform, slices: str | int = "middle", trained_kinds: list | None = None,
-                 check_inputs: bool = True, verbose: bool = True) -> None:
+    def __init__(self, data: Sequence, transform, slices: str | int = "middle", check_inputs: bool = True,
+                 verbose: bool = True) -> None:
         """slices: 'middle' (the default of the validation chain's `ToPlane2Dd`), 'all', or a slice index."""
         if not (slices in SLICES or (isinstance(slices, int) and not isinstance(slices, bool))):
             raise ValueError(f"slices must be one of {SLICES} or a slice index, got {slices!r}")
         super().__init__(list(data), transform)
-        self.slices, self.trained_kinds, self.check_inputs, self.verbose = slices, trained_kinds, check_inputs, verbose
+        self.slices, self.check_inputs, self.verbose = slices, check_inputs, verbose
+        self.trained_kinds: list | None = None
+        self.skip: set[str] = set()
 
     def _transform(self, index: int) -> dict:
         item = self.data[index]
         src = item["image"] if isinstance(item, dict) else item
         name = str(src) if isinstance(src, (str, os.PathLike)) else f"<array {index}>"
+        if name in self.skip:
+            return {"source": name, "done": True}
         try:
             img = _as_image(src, index)
             _check_kind(img, src, name, self.trained_kinds, self.check_inputs, self.verbose)
@@ -242,14 +248,23 @@ class PredictionCollector:
         self.error: Exception | None = None
 
     def attach(self, engine) -> None:
-        """Run after every iteration of `engine`."""
+        """Run `started` when `engine` starts and `self` after each of its iterations."""
+        engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def started(self, engine) -> None:
+        """Tell the engine's `InferenceDataset` the kinds of image its network was trained on."""
+        dataset = getattr(engine.data_loader, "dataset", None)
+        if isinstance(dataset, InferenceDataset):
+            dataset.trained_kinds = trained_kinds(engine.network)
 
     def __call__(self, engine) -> None:
         """Turn the batch just predicted into Predictions and `take` each."""
         output = engine.state.output["pred"]
         logits, offset = (output.detach().cpu() if output is not None else None), 0
         for item in engine.state.batch["items"]:
+            if item.get("done"):
+                continue
             if "error" in item:
                 if self.on_error == "raise":
                     self.error = item["exception"]
@@ -286,7 +301,7 @@ def inference_evaluator(network: torch.nn.Module, items: Sequence, transform, ha
     or PredictionWriter), with a progress bar when `progress`."""
     from ignite.handlers import ProgressBar
 
-    dataset = InferenceDataset(items, transform, slices, trained_kinds(network), check_inputs, verbose)
+    dataset = InferenceDataset(items, transform, slices, check_inputs, verbose)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     handlers = [handler] + ([ProgressBar(persist=True, desc="inference")] if progress else [])
     dev = torch.device(device) if device is not None else _model_device(network)
@@ -471,18 +486,60 @@ def model_identity(network: torch.nn.Module) -> dict:
     return {"state_dict_sha256": h.hexdigest()}
 
 
-def check_model(network: torch.nn.Module, task: str, image_size: int, class_names: list[str] | None,
-                multi_label: bool | None = None) -> dict:
-    """The bundle's check that the recipe's settings (which build the validation chain) are the checkpoint's:
-    a ConfigError naming the key otherwise. Returns `model_settings`."""
-    from medpmoe.bundle.errors import ConfigError
+class CheckpointModel(torch.nn.Module):
+    """The model of a prompt checkpoint (`medpmoe.load_model`, through `medpmoe.bundle.model_from_checkpoint`),
+    loaded when first used, as MONAI bundles load weights when the run starts: the inference objects can be built
+    (MONAI's `check_properties`) before training has written the checkpoint."""
 
-    try:
-        return model_settings(network, task, image_size, class_names, multi_label)
-    except ValueError as e:
-        key = str(e).split("=", 1)[0]
-        raise ConfigError(f"config key '{key}': {str(e).split(': leave')[0]}; run inference with the training run's "
-                          "settings") from None
+    def __init__(self, checkpoint: str | os.PathLike, expert_files: dict | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        """checkpoint, expert_files: the bundle's config keys of those names."""
+        super().__init__()
+        self.checkpoint, self.expert_files, self.target_device = checkpoint, expert_files, device
+        self.loaded = None
+
+    def load(self) -> torch.nn.Module:
+        """The model (loaded on the first call; a missing checkpoint is a ConfigError naming the key)."""
+        if self.loaded is None:
+            from medpmoe.bundle.workflow import model_from_checkpoint
+
+            self.loaded = model_from_checkpoint(self.checkpoint, self.expert_files, self.target_device)
+            self.loaded.train(self.training)
+        return self.loaded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The loaded model's output."""
+        return self.load()(x)
+
+    @property
+    def checkpoint_metadata(self) -> dict:
+        """The checkpoint's metadata (task, image size, classes, kinds of training image, ...)."""
+        return self.load().checkpoint_metadata
+
+    @property
+    def checkpoint_path(self) -> str:
+        """The checkpoint's path."""
+        return self.load().checkpoint_path
+
+
+def checkpoint_settings(checkpoint: str | os.PathLike, **recipe) -> dict:
+    """task, image_size, class_names, multi_label of the model in `checkpoint` (its metadata), for the keys it does
+    not record (or while it does not exist yet) the `recipe`'s: what the bundle's inference chain is built with."""
+    path = Path(checkpoint).expanduser()
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {}) if path.is_file() else {}
+    out = {k: meta.get(k) if meta.get(k) is not None else v for k, v in recipe.items()}
+    out["multi_label"] = bool(out.get("multi_label"))
+    return out
+
+
+def start(network: torch.nn.Module) -> torch.nn.Module:
+    """The bundle's first inference step: load the model (`CheckpointModel`) and print the line describing it."""
+    from medpmoe.models.loading import describe_model
+
+    model = network.load() if isinstance(network, CheckpointModel) else network
+    if getattr(model, "checkpoint_metadata", None) is not None:
+        print(f"inference: model {describe_model(model)}", flush=True)
+    return network
 
 
 class PredictionWriter(PredictionCollector):
@@ -490,22 +547,38 @@ class PredictionWriter(PredictionCollector):
     masks by `write_masks` (MONAI's SaveImage) at the input's own geometry, or rows appended to probabilities.csv;
     skipped inputs to skipped.csv. `inference_model.json` records the model (checkpoint sha256) and settings and
     `written.csv` each input written, after its files: a re-run for the same model and settings predicts only the
-    inputs not written yet (`pending`), a re-run for another model starts over."""
+    inputs not written yet, a re-run for another model or settings starts over."""
 
     RECORD, WRITTEN, SKIPPED, CSV = "inference_model.json", "written.csv", "skipped.csv", "probabilities.csv"
 
-    def __init__(self, output_dir: str | os.PathLike, postprocessing, task: str, network: torch.nn.Module,
-                 class_names: list[str] | None = None, multi_label: bool = False, image_size: int | None = None,
-                 slices: str | int = "middle", save_probabilities: bool = False, settings: dict | None = None) -> None:
-        """settings: further settings the predictions depend on (window, intensity), recorded with the model."""
+    def __init__(self, output_dir: str | os.PathLike, postprocessing, task: str, class_names: list[str] | None = None,
+                 multi_label: bool = False, image_size: int | None = None, slices: str | int = "middle",
+                 save_probabilities: bool = False, settings: dict | None = None,
+                 source: str | os.PathLike | None = None) -> None:
+        """settings: further settings the predictions depend on (window, intensity), recorded with the model;
+        source: where the inputs come from (named in messages)."""
         super().__init__(postprocessing, task, class_names, multi_label)
-        self.out = Path(output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out, self.source = Path(output_dir), source
         self.save_probabilities = bool(save_probabilities)
-        record = {"model": model_identity(network), "settings": dict(
-            task=task, image_size=image_size, class_names=class_names, multi_label=bool(multi_label), slices=slices,
-            save_probabilities=self.save_probabilities, **(settings or {}))}
-        record = json.loads(json.dumps(record, default=str))
+        self.settings = dict(task=task, image_size=image_size, class_names=class_names, multi_label=bool(multi_label),
+                             slices=slices, save_probabilities=self.save_probabilities, **(settings or {}))
+        self.done: set[str] = set()
+        self.stems: dict[str, Path] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.written: list[Path] = []
+        self.batch: list[Prediction] = []
+        self.total = self.count = self.before = 0
+        self.refused = False
+        self.volumes: bool | None = None  # whether probabilities.csv has a slice column (known at its first row)
+
+    def started(self, engine) -> None:
+        """Compare the model and settings with the output folder's record: the same, the inputs written already
+        are passed over (`InferenceDataset.skip`); else the record is replaced and every input predicted. Names
+        every input's outputs (`output_stems`) and prepares probabilities.csv."""
+        super().started(engine)
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = json.loads(json.dumps({"model": model_identity(engine.network), "settings": self.settings},
+                                       default=str))
         done, previous = self.out / self.WRITTEN, self.out / self.RECORD
         same = previous.is_file() and json.loads(previous.read_text()) == record
         self.done = set(done.read_text(encoding="utf-8").splitlines()[1:]) if same and done.is_file() else set()
@@ -516,30 +589,17 @@ class PredictionWriter(PredictionCollector):
             atomic_write_text(done, "image\n")
             atomic_write_text(previous, json.dumps(record, indent=2) + "\n")
         (self.out / self.SKIPPED).unlink(missing_ok=True)  # an earlier run's: those inputs are tried again
-        self.stems: dict[str, Path] = {}
-        self.skipped: list[tuple[str, str]] = []
-        self.written: list[Path] = []
-        self.batch: list[Prediction] = []
-        self.total = self.count = self.before = 0
-        self.source = None
-        self.volumes: bool | None = None  # whether probabilities.csv has a slice column (known at its first row)
-
-    def pending(self, items: Sequence, source: str | os.PathLike | None = None) -> list[dict]:
-        """The items of `items` (from `source`, named in messages) not written yet for this model (all of them on a
-        first run); names every input's outputs (`output_stems`) and prepares probabilities.csv."""
-        self.source = source
-        items = [it if isinstance(it, dict) else {"image": it} for it in items]
-        sources = [str(it["image"]) for it in items]
+        dataset = engine.data_loader.dataset
+        sources = [str(it["image"]) if isinstance(it, dict) else str(it) for it in dataset.data]
         self.stems = dict(zip(sources, output_stems(sources)))
-        self.total = len(items)
-        todo = [it for it, s in zip(items, sources) if s not in self.done]
-        self.before = len(items) - len(todo)
+        self.total = len(sources)
+        dataset.skip = self.done & set(sources)
+        self.before = len(dataset.skip)
         if self.before:
-            print(f"inference: {len(items) - len(todo)} of {len(items)} inputs already written for this model "
-                  f"({self.RECORD}); predicting the other {len(todo)}", flush=True)
+            print(f"inference: {self.before} of {self.total} inputs already written for this model "
+                  f"({self.RECORD}); predicting the other {self.total - self.before}", flush=True)
         if self.task == "classification":
             self._keep_written_rows()
-        return todo
 
     def _keep_written_rows(self) -> None:
         """probabilities.csv keeps only the rows of inputs recorded as written (a killed run may have written more)."""
@@ -563,7 +623,7 @@ class PredictionWriter(PredictionCollector):
         with open(path, "a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([*rows, (prediction.source, prediction.error)])
         self.skipped.append((prediction.source, prediction.error))
-        self.refused = getattr(self, "refused", False) or prediction.refused
+        self.refused = self.refused or prediction.refused
 
     def flush(self) -> None:
         """Write the batch's predictions, then record them in written.csv (synced), so a kill loses at most them."""
@@ -601,7 +661,7 @@ class PredictionWriter(PredictionCollector):
         code says so."""
         self.flush()
         before = self.before
-        what = "refused or unreadable inputs" if getattr(self, "refused", False) else "unreadable inputs"
+        what = "refused or unreadable inputs" if self.refused else "unreadable inputs"
         skipped = self.out / self.SKIPPED
         if self.skipped and not self.count and not before:
             raise DataError(problems_message(self.skipped, f"{what} in {self.source or 'the input'}, nothing predicted"))
@@ -651,11 +711,9 @@ def run_inference(network: torch.nn.Module, source: str, output_dir: str, task: 
     items = list_inputs(source)
     transform = preprocessing(task, settings["image_size"], False, len(names) if names else None, multi,
                               window=window, intensity=intensity)
-    writer = PredictionWriter(output_dir, postprocessing(task, transform, multi), task, network, names, multi,
+    writer = PredictionWriter(output_dir, postprocessing(task, transform, multi), task, names, multi,
                               settings["image_size"], slices, save_probabilities,
-                              settings=dict(window=window, intensity=intensity))
-    todo = writer.pending(items, source)
-    if todo:
-        inference_evaluator(network, todo, transform, writer, slices, check_inputs, device, amp, batch_size,
-                            num_workers, progress).run()
+                              settings=dict(window=window, intensity=intensity), source=source)
+    inference_evaluator(network, items, transform, writer, slices, check_inputs, device, amp, batch_size,
+                        num_workers, progress).run()
     return writer.finish()
