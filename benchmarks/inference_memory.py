@@ -5,7 +5,8 @@
 
 Each child process loads a tiny segmentation model from its prompt checkpoint, then runs inference; it reports its
 RSS just before inference and its peak RSS (VmHWM, the kernel's high-water mark of the whole process, imports
-included; `tests/test_inference_streaming.py` runs both counts in one process, resetting the mark in between). `growth_mib` is the peak minus the RSS before inference: what inference itself held at most.
+included; `tests/test_inference_streaming.py` runs both counts in one process, resetting the mark in between).
+`growth_mib` is the peak minus the RSS before inference: what inference itself held at most.
 """
 
 from __future__ import annotations

@@ -664,7 +664,8 @@ class PredictionWriter(PredictionCollector):
         what = "refused or unreadable inputs" if self.refused else "unreadable inputs"
         skipped = self.out / self.SKIPPED
         if self.skipped and not self.count and not before:
-            raise DataError(problems_message(self.skipped, f"{what} in {self.source or 'the input'}, nothing predicted"))
+            where = self.source or "the input"
+            raise DataError(problems_message(self.skipped, f"{what} in {where}, nothing predicted"))
         if self.skipped:
             print(f"inference: skipped {len(self.skipped)} {what.removesuffix(' inputs')} input(s), listed in "
                   f"{skipped}:", flush=True)

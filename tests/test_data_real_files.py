@@ -151,7 +151,8 @@ def test_inference_volumes_middle_every_or_one_slice_and_unreadable_files_skippe
     assert "head.nii: 3-D volume (33, 41, 25), predicting all 25 slices" in capsys.readouterr().out
     seg = nib.load(tmp_path / "all" / "head_seg.nii.gz")
     assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
-    assert np.array_equal(np.asarray(seg.dataobj)[..., 12], np.asarray(middle.dataobj).reshape(33, 41))  # the same slice
+    same_slice = np.asarray(middle.dataobj).reshape(33, 41)
+    assert np.array_equal(np.asarray(seg.dataobj)[..., 12], same_slice)
     assert not (tmp_path / "out" / "head_seg.png").exists()  # no PNG for a volume
     rows = list(csv.reader((tmp_path / "out" / "skipped.csv").open()))
     assert [r[0].split("/")[-1] for r in rows[1:]] == ["empty.png", "notes.png"]

@@ -115,7 +115,8 @@ def test_classification_rows_are_appended_and_a_rerun_adds_only_the_missing_ones
 
     _, frames = polyps
     torch.manual_seed(0)
-    experts = [{"name": "tiny_c", "patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2, "seed": 0}]
+    experts = [{"name": "tiny_c", "patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                "seed": 0}]
     model = build_model(experts, task="classification", num_classes=3, num_tokens=2)
     kw = dict(task="classification", image_size=32, class_names=["a", "b", "c"], batch_size=4, progress=False)
     out = tmp_path / "cls"
