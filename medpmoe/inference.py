@@ -465,7 +465,7 @@ def save_predictions(preds: Sequence[Prediction], output_dir: str | os.PathLike,
     names = class_names or [str(c) for c in range(good[0].probabilities.shape[-1])]
     volumes = any(p.slices is not None for p in good)
     header = ["image", *(["slice"] if volumes else []), *names, "prediction"]
-    atomic_write_text(out / "probabilities.csv", _csv_text([header, *_probability_rows(good, volumes)]))
+    _write_text(out / "probabilities.csv", _csv_text([header, *_probability_rows(good, volumes)]))
     return [out / "probabilities.csv"]
 
 
@@ -581,12 +581,12 @@ class PredictionWriter(PredictionCollector):
                                        default=str))
         done, previous = self.out / self.WRITTEN, self.out / self.RECORD
         same = previous.is_file() and json.loads(previous.read_text()) == record
-        self.done = set(done.read_text(encoding="utf-8").splitlines()[1:]) if same and done.is_file() else set()
+        self.done = set(done.read_text(**TEXT).splitlines()[1:]) if same and done.is_file() else set()
         if previous.is_file() and not same and done.is_file():
             print(f"inference: {self.out} holds predictions of another model or settings: predicting every input "
                   "again", flush=True)
         if not self.done:
-            atomic_write_text(done, "image\n")
+            _write_text(done, "image\n")
             atomic_write_text(previous, json.dumps(record, indent=2) + "\n")
         (self.out / self.SKIPPED).unlink(missing_ok=True)  # an earlier run's: those inputs are tried again
         dataset = engine.data_loader.dataset
@@ -607,11 +607,11 @@ class PredictionWriter(PredictionCollector):
         if not self.done or not path.is_file():
             path.unlink(missing_ok=True)
             return
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", **TEXT) as f:
             rows = list(csv.reader(f))
         if rows:
             self.volumes = len(rows[0]) > 1 and rows[0][1] == "slice"
-            atomic_write_text(path, _csv_text([rows[0], *(r for r in rows[1:] if r and r[0] in self.done)]))
+            _write_text(path, _csv_text([rows[0], *(r for r in rows[1:] if r and r[0] in self.done)]))
 
     def take(self, prediction: Prediction) -> None:
         """Queue one input's prediction (written by `flush`) or record it as skipped."""
@@ -620,7 +620,7 @@ class PredictionWriter(PredictionCollector):
             return
         path = self.out / self.SKIPPED
         rows = [("image", "problem")] if not path.exists() else []
-        with open(path, "a", newline="", encoding="utf-8") as f:
+        with open(path, "a", newline="", **TEXT) as f:
             csv.writer(f).writerows([*rows, (prediction.source, prediction.error)])
         self.skipped.append((prediction.source, prediction.error))
         self.refused = self.refused or prediction.refused
@@ -645,11 +645,11 @@ class PredictionWriter(PredictionCollector):
         if self.volumes is None or not path.exists():
             self.volumes = volumes
             names = self.class_names or [str(c) for c in range(preds[0].probabilities.shape[-1])]
-            atomic_write_text(path, _csv_text([["image", *(["slice"] if volumes else []), *names, "prediction"]]))
+            _write_text(path, _csv_text([["image", *(["slice"] if volumes else []), *names, "prediction"]]))
         elif volumes and not self.volumes:  # a volume after 2-D inputs: give the earlier rows an empty slice column
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", **TEXT) as f:
                 rows = list(csv.reader(f))
-            atomic_write_text(path, _csv_text([[r[0], "slice" if i == 0 else "", *r[1:]] for i, r in enumerate(rows)]))
+            _write_text(path, _csv_text([[r[0], "slice" if i == 0 else "", *r[1:]] for i, r in enumerate(rows)]))
             self.volumes = True
         _append_synced(path, _csv_text(_probability_rows(preds, self.volumes)))
         if path not in self.written:
@@ -682,8 +682,16 @@ class PredictionWriter(PredictionCollector):
         return self.written
 
 
+#: file names that are not valid UTF-8 (`caf\xe9.jpg` from older exports) are kept as their bytes in the CSV files
+TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode(**TEXT)))
+
+
 def _append_synced(path: Path, text: str) -> None:
-    with open(path, "a", encoding="utf-8", newline="") as f:
+    with open(path, "a", newline="", **TEXT) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -133,6 +133,13 @@ def test_classification_rows_are_appended_and_a_rerun_adds_only_the_missing_ones
     for r in again:
         assert r == by_image[r["image"]]
 
+    odd = tmp_path / "odd"  # a file name that is not valid UTF-8, as older exports write: recorded as its bytes
+    odd.mkdir()
+    shutil.copy(next(frames.glob("*.png")), os.fsdecode(os.fsencode(odd) + b"/caf\xe9_1.png"))
+    odd_out = tmp_path / "odd_out"
+    assert run_inference(model, str(odd), str(odd_out), **kw) == [odd_out / "probabilities.csv"]
+    assert run_inference(model, str(odd), str(odd_out), **kw) == []  # written already
+
 
 def test_bundle_inference_objects_and_exit_code_when_inputs_are_skipped(polyps, tmp_path, monkeypatch):
     """check_properties sees the real inference objects, whose chain is the validation chain; the documented
