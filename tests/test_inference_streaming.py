@@ -44,6 +44,7 @@ def _written(out: Path) -> list[str]:
     return (out / "written.csv").read_text().splitlines()[1:]
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_inputs(tmp_path):
     """The benchmark's measurement, smaller: 4 and 24 frames of 600x500 in one process (peak reset in between).
     Holding every prediction, as inference did, adds ~6 MB a frame here: 24 frames would exceed 4 by > 100 MB."""
@@ -68,6 +69,7 @@ SLOW_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_finished_by_a_rerun_that_writes_only_what_is_missing(polyps, tmp_path, capsys):
     ckpt, frames = polyps
     out = tmp_path / "out"
@@ -141,6 +143,7 @@ def test_classification_rows_are_appended_and_a_rerun_adds_only_the_missing_ones
     assert run_inference(model, str(odd), str(odd_out), **kw) == []  # written already
 
 
+@pytest.mark.slow
 def test_bundle_inference_objects_and_exit_code_when_inputs_are_skipped(polyps, tmp_path, monkeypatch):
     """check_properties sees the real inference objects, whose chain is the validation chain; the documented
     command writes what it can, lists the rest in skipped.csv and ends non-zero with that as its last line."""
