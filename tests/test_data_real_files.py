@@ -128,7 +128,9 @@ def test_cvc_clinicdb_tiff_layout(tmp_path):
     assert pred.mask.shape == (1, 288, 384) and pred.probabilities.shape == (2, 288, 384)
 
 
-def test_inference_volumes_every_or_one_slice_and_unreadable_files_skipped(tmp_path, capsys):
+def test_inference_volumes_middle_every_or_one_slice_and_unreadable_files_skipped(tmp_path, capsys):
+    """Volumes: the middle slice by default, as the validation chain takes it (deliberately changed from every slice,
+    docs/data.md); slices='all' predicts every slice into one volume mask; an index predicts that slice."""
     from nibabel.testing import data_path
 
     (tmp_path / "in").mkdir()
@@ -139,10 +141,18 @@ def test_inference_volumes_every_or_one_slice_and_unreadable_files_skipped(tmp_p
     written = run_inference(_tiny(), str(tmp_path / "in"), str(tmp_path / "out"), "segmentation", 32,
                             ["background", "fg"])
     printed = capsys.readouterr().out
-    assert "head.nii: 3-D volume (33, 41, 25), predicting all 25 slices" in printed
+    assert "head.nii: 3-D volume (33, 41, 25), predicting slice 12 of 25" in printed
+    middle = nib.load(tmp_path / "out" / "head_seg.nii.gz")
+    assert middle.shape in ((33, 41), (33, 41, 1))  # the middle slice, placed where it lies in the volume
+    np.testing.assert_allclose(middle.affine @ [4, 7, 0, 1], src.affine @ [4, 7, 12, 1])
     assert "empty.png: empty file (0 bytes)" in printed and "notes.png: not a picture file" in printed
-    seg = nib.load(tmp_path / "out" / "head_seg.nii.gz")
+    run_inference(_tiny(), str(tmp_path / "in"), str(tmp_path / "all"), "segmentation", 32, ["background", "fg"],
+                  slices="all")
+    assert "head.nii: 3-D volume (33, 41, 25), predicting all 25 slices" in capsys.readouterr().out
+    seg = nib.load(tmp_path / "all" / "head_seg.nii.gz")
     assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+    same_slice = np.asarray(middle.dataobj).reshape(33, 41)
+    assert np.array_equal(np.asarray(seg.dataobj)[..., 12], same_slice)
     assert not (tmp_path / "out" / "head_seg.png").exists()  # no PNG for a volume
     rows = list(csv.reader((tmp_path / "out" / "skipped.csv").open()))
     assert [r[0].split("/")[-1] for r in rows[1:]] == ["empty.png", "notes.png"]

@@ -157,6 +157,8 @@ def check_parser(parser: ConfigParser, bundle_dir: str | Path | None = None) -> 
         default = defaults.get(key, [None])[0]
         if _is_code(value) or _is_code(default) or default is None or (value is None and key in NULLABLE):
             continue
+        if key == "slices" and isinstance(value, int) and not isinstance(value, bool):
+            continue  # inference: 'middle', 'all' or a slice index
         if not _same_kind(value, default):
             raise ConfigError(f"config key {key!r} must be {_kind(default)} like its default {default!r}, "
                               f"got {value!r} ({type(value).__name__})")
@@ -202,7 +204,8 @@ def _check_choices(config: dict) -> None:
 
     choices = {"method": sorted(METHODS) + list(BASELINES), "dispatcher": sorted(DISPATCHERS),
                "task": ["classification", "segmentation"], "demo_kind": list(DEMOS),
-               "class_balance": list(CLASS_BALANCE), "eval_split": list(ITEM_SETS)}
+               "class_balance": list(CLASS_BALANCE), "eval_split": list(ITEM_SETS),
+               "slices": ["middle", "all", "or a slice index"]}
     from medpmoe.prompts.registry import DEPRECATED
 
     for key, allowed in choices.items():

@@ -18,7 +18,7 @@ _NAMES = {
     "mask_to_index": "masks", "read_mask": "masks",
     "read_image": "readers", "strip_phi": "readers",
     "TASKS": "tasks", "Task": "tasks", "get_task": "tasks",
-    "classification_transforms": "transforms", "segmentation_transforms": "transforms",
+    "classification_transforms": "transforms", "preprocessing": "transforms", "segmentation_transforms": "transforms",
     "check_items": "validation", "inspect_file": "validation", "quick_check": "validation",
     "validate_datalist": "validation",
 }

@@ -166,9 +166,9 @@ class MaskToIndexd(MapTransform):
     """Masks to one channel of class indices 0..C-1 by `medpmoe.data.masks.mask_to_index` (grey or palette masks,
     binary or class-index values; lossy JPEG masks thresholded at `threshold`)."""
 
-    def __init__(self, keys, num_classes: int = 2, threshold: float = 128):
+    def __init__(self, keys, num_classes: int = 2, threshold: float = 128, allow_missing_keys: bool = False):
         """num_classes includes background."""
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.num_classes, self.threshold = num_classes, threshold
 
     def __call__(self, data):
@@ -188,7 +188,9 @@ class CheckSameSized(MapTransform):
         self.image_key, self.label_key = image_key, label_key
 
     def __call__(self, data):
-        """Check and return the data unchanged."""
+        """Check and return the data unchanged (an item without a label passes)."""
+        if self.label_key not in data:
+            return data
         img, mask = data[self.image_key], data[self.label_key]
         if tuple(img.shape[1:]) != tuple(mask.shape[1:]):
             raise DataError(f"{_name(mask)}: mask size {tuple(mask.shape[1:])} differs from image {_name(img)} "
@@ -199,9 +201,10 @@ class CheckSameSized(MapTransform):
 class ClassLabeld(MapTransform):
     """Class label -> tensor: int -> long scalar (checked < num_classes); list -> float multi-hot vector."""
 
-    def __init__(self, keys="label", num_classes: int | None = None, multi_label: bool = False):
+    def __init__(self, keys="label", num_classes: int | None = None, multi_label: bool = False,
+                 allow_missing_keys: bool = False):
         """num_classes, when given, bounds the labels."""
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.num_classes, self.multi_label = num_classes, multi_label
 
     def __call__(self, data):
@@ -253,15 +256,19 @@ def _augment(keys: list[str], modes: list[str], vertical_flip: bool) -> list:
 def segmentation_transforms(image_size: int, train: bool, num_classes: int = 2, plane: str = "middle",
                             plane_index: int | None = None, window: Sequence[float] | None = None,
                             intensity: str = "auto", mask_threshold: float = 128) -> DataCompose:
-    """Load "image" and its mask under key "label" -> image (3, S, S) float in [0, 1], label (1, S, S) long."""
-    keys = ["image", "label"]
-    t = [_model_keys(), LoadMedicalImaged(keys), ToPlane2Dd(keys, plane, plane_index, label_keys=["label"]),
-         CheckSameSized("image", "label"), CheckImaged("image"), ToRGBd("image"), ScaleUnitd("image", intensity, window),
-         MaskToIndexd("label", num_classes, mask_threshold),
-         Resized(keys, spatial_size=(image_size, image_size), mode=("bilinear", "nearest"), anti_aliasing=False)]
+    """Load "image" and its mask under key "label" -> image (3, S, S) float in [0, 1], label (1, S, S) long.
+
+    Without `train` the label is optional (inference items have none)."""
+    keys, opt = ["image", "label"], not train
+    t = [_model_keys(), LoadMedicalImaged(keys, allow_missing_keys=opt),
+         ToPlane2Dd(keys, plane, plane_index, label_keys=["label"]), CheckSameSized("image", "label"),
+         CheckImaged("image"), ToRGBd("image"), ScaleUnitd("image", intensity, window),
+         MaskToIndexd("label", num_classes, mask_threshold, allow_missing_keys=opt),
+         Resized(keys, spatial_size=(image_size, image_size), mode=("bilinear", "nearest"), anti_aliasing=False,
+                 allow_missing_keys=opt)]
     if train:
         t += _augment(keys, ["bilinear", "nearest"], vertical_flip=True)
-    t.append(CastToTyped(keys, dtype=(torch.float32, torch.long)))
+    t.append(CastToTyped(keys, dtype=(torch.float32, torch.long), allow_missing_keys=opt))
     return DataCompose(t)
 
 
@@ -269,13 +276,30 @@ def classification_transforms(image_size: int, train: bool, num_classes: int | N
                               multi_label: bool = False, plane: str = "middle", plane_index: int | None = None,
                               window: Sequence[float] | None = None, intensity: str = "auto",
                               vertical_flip: bool = False) -> DataCompose:
-    """Load "image" -> (3, S, S) float in [0, 1]; "label" int -> long scalar, list -> float multi-hot."""
+    """Load "image" -> (3, S, S) float in [0, 1]; "label" int -> long scalar, list -> float multi-hot (optional
+    without `train`: inference items have none)."""
     t = [_model_keys(), LoadMedicalImaged("image"), ToPlane2Dd("image", plane, plane_index), CheckImaged("image"),
          ToRGBd("image"),
          ScaleUnitd("image", intensity, window), Resized("image", spatial_size=(image_size, image_size),
                                                          mode="bilinear", anti_aliasing=True),
-         ClassLabeld("label", num_classes, multi_label)]
+         ClassLabeld("label", num_classes, multi_label, allow_missing_keys=not train)]
     if train:
         t += _augment(["image"], ["bilinear"], vertical_flip)
     t.append(CastToTyped("image", dtype=torch.float32))
     return DataCompose(t)
+
+
+def preprocessing(task: str, image_size: int, train: bool = False, num_classes: int | None = None,
+                  multi_label: bool = False, plane: str = "middle", plane_index: int | None = None,
+                  window: Sequence[float] | None = None, intensity: str = "auto", mask_threshold: float = 128,
+                  vertical_flip: bool = False) -> DataCompose:
+    """The one preprocessing chain of a task: training (`train=True`, with augmentation), or the chain that
+    validation, evaluation and inference share (label optional; volumes reduced to `plane`, default their middle
+    slice). `segmentation_transforms` / `classification_transforms` with the task's arguments."""
+    if task == "segmentation":
+        return segmentation_transforms(image_size, train, num_classes or 2, plane, plane_index, window, intensity,
+                                       mask_threshold)
+    if task == "classification":
+        return classification_transforms(image_size, train, num_classes, multi_label, plane, plane_index, window,
+                                         intensity, vertical_flip)
+    raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}")
