@@ -119,14 +119,16 @@ def _same_kind(value, default) -> bool:
     return isinstance(value, type(default))
 
 
-def check_parser(parser: ConfigParser) -> None:
+def check_parser(parser: ConfigParser, config_dir: str | Path | None = None) -> None:
     """Check a parsed bundle config: every top-level key is the bundle's (train.json) or used, values have their
     default's type and range, `method` / `dispatcher` / `task` / `demo_kind` are known, `experts` entries are
-    buildable and the named files exist."""
+    buildable and the named files exist. `config_dir`: the folder of the bundle's config files (default
+    `bundle_root`; a model-zoo bundle's `configs/`, whose files' keys are all known when it has no train.json)."""
     config = parser.get()
-    root = config.get("bundle_root")
+    root = config_dir or config.get("bundle_root")
     defaults = bundle_defaults(root) if root else {}
-    train_keys = set(ConfigParser.load_config_file(Path(root) / "train.json")) if root else set()
+    train = Path(root) / "train.json" if root else None
+    train_keys = set(ConfigParser.load_config_file(train)) if train and train.is_file() else set(defaults)
     known = used_keys(config) | train_keys | STRUCTURAL
     for key, value in config.items():  # an overlay's own key is fine unused (e.g. with tracking off), an override not
         if key not in known and value not in defaults.get(key, []):
