@@ -17,6 +17,7 @@ with `python -m monai.bundle run inference --config_file <out>/configs/inference
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shutil
 import sys
@@ -43,7 +44,7 @@ ZOO_CHECK = "$medpmoe.bundle.zoo.check_config()"
 MODEL_KEYS = ("method", "moe", "num_tokens", "prompt_layers", "dispatcher")
 
 
-class ZooExportError(ValueError):
+class ZooExportError(ConfigError):
     """The run or bundle cannot be exported (names the file or option and the problem)."""
 
 
@@ -220,13 +221,14 @@ def workflow_config(merged: dict, entry: str, settings: Mapping, overrides: Mapp
     return out
 
 
-def _copy_experts(recorded: list[dict], expert_files: Mapping, out: Path) -> dict[str, str]:
-    """Copy each expert's weights file into <out>/models/experts after checking its sha256 against the record."""
-    copied = {}
+def _expert_sources(recorded: list[dict], expert_files: Mapping) -> dict[str, Path]:
+    """Each file expert's weights file (`expert_files`, else the recorded path), its sha256 checked against the
+    checkpoint's record: what `copy_experts` copies into <out>/models/experts."""
+    sources = {}
     for e in recorded:
-        src = expert_files.get(e["name"]) or e.get("checkpoint")
         if not (e.get("checkpoint_sha256") or e.get("checkpoint")):
             continue
+        src = expert_files.get(e["name"]) or e.get("checkpoint")
         if not src or not Path(src).expanduser().is_file():
             raise ZooExportError(f"--copy_experts: expert {e['name']!r} file {src} not found; pass --expert_files "
                                  f"{e['name']}=/path/to/file")
@@ -234,11 +236,30 @@ def _copy_experts(recorded: list[dict], expert_files: Mapping, out: Path) -> dic
         if e.get("checkpoint_sha256") and sha != e["checkpoint_sha256"]:
             raise ZooExportError(f"--expert_files: {src} has sha256 {sha[:12]}..., expert {e['name']!r} was trained "
                                  f"with {e['checkpoint_sha256'][:12]}...")
-        rel = f"{EXPERT_DIR}/{Path(src).name}"
-        (out / EXPERT_DIR).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(src).expanduser(), out / rel)
-        copied[e["name"]] = rel
-    return copied
+        sources[e["name"]] = Path(src).expanduser()
+    return sources
+
+
+def read_workflows(bundle_file: Path, task: str | None, overrides: Mapping) -> dict[str, tuple[dict, str]]:
+    """{workflow: (the bundle's training config merged with its overlay, entry point)}; the bundle must be of the
+    checkpoint's task and every override a key of its configs."""
+    found, known = {}, set()
+    for name, (overlay, entry) in WORKFLOWS.items():
+        overlay_file = bundle_file.parent / overlay
+        if not overlay_file.is_file():
+            if name == "inference":
+                raise ZooExportError(f"--bundle_file: no {overlay} beside {bundle_file}")
+            continue
+        merged = read_bundle([bundle_file, overlay_file])
+        if merged.get("task") not in (None, task) and not str(merged.get("task")).startswith("$"):
+            raise ZooExportError(f"--bundle_file: {bundle_file} is a {merged['task']} bundle but the checkpoint was "
+                                 f"trained for {task}")
+        found[name], known = (merged, entry), known | set(merged)
+    for key in sorted(set(overrides) - known):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        raise ZooExportError(f"--{key}: not a key of {bundle_file}'s configs" + (f"; did you mean --{near[0]}?"
+                                                                                 if near else ""))
+    return found
 
 
 def export_bundle(run_dir: str | Path, bundle_file: str | Path, out: str | Path, checkpoint: str | Path | None = None,
@@ -264,42 +285,33 @@ def export_bundle(run_dir: str | Path, bundle_file: str | Path, out: str | Path,
         raise ZooExportError(f"{ckpt}: records no model_config (written by an older medpmoe): retrain to export it")
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     recorded = payload["model_config"]["experts"]
-    expert_files = dict(expert_files or {})
-    out.mkdir(parents=True, exist_ok=True)
-    copied = _copy_experts(recorded, expert_files, out) if copy_experts else {}
+    expert_files, overrides = dict(expert_files or {}), dict(overrides or {})
+    sources = _expert_sources(recorded, expert_files) if copy_experts else {}
+    copied = {name: f"{EXPERT_DIR}/{src.name}" for name, src in sources.items()}
     experts, files_default, records = _expert_parts(recorded, copied)
     settings = {**trained_settings(payload, run_dir), "experts": experts}
-    overrides = dict(overrides or {})
+    workflows = read_workflows(bundle_file, settings.get("task"), overrides)
     base_meta = bundle_file.parent / "metadata.json"
     base = json.loads(base_meta.read_text()) if base_meta.is_file() else {}
-    ckpt_sha = file_sha256(ckpt)
-    metadata = zoo_metadata(base, payload, results, records, ckpt_sha, settings)
+    metadata = zoo_metadata(base, payload, results, records, file_sha256(ckpt), settings)
     network = _network_def(payload["model_config"])
-    written = []
-    for name, (overlay, entry) in WORKFLOWS.items():
-        overlay_file = bundle_file.parent / overlay
-        if not overlay_file.is_file():
-            if name == "inference":
-                raise ZooExportError(f"--bundle_file: no {overlay} beside {bundle_file}")
-            continue
-        merged = read_bundle([bundle_file, overlay_file])
-        if merged.get("task") not in (None, settings.get("task")) and not str(merged.get("task")).startswith("$"):
-            raise ZooExportError(f"--bundle_file: {bundle_file} is a {merged['task']} bundle but {ckpt} was trained "
-                                 f"for {settings.get('task')}")
+    for name, (merged, entry) in workflows.items():
         cfg = workflow_config(merged, entry, settings, overrides, network, experts, files_default)
         atomic_write_text(out / "configs" / f"{name}.json", json.dumps(cfg, indent=4) + "\n")
-        written.append(name)
     (out / "models").mkdir(exist_ok=True)
     shutil.copyfile(ckpt, out / MODEL_FILE)
+    for name, src in sources.items():
+        (out / EXPERT_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(src, out / copied[name])
     atomic_write_text(out / "configs" / "metadata.json", json.dumps(metadata, indent=4) + "\n")
     if (bundle_file.parent / "logging.conf").is_file():
         shutil.copyfile(bundle_file.parent / "logging.conf", out / "configs" / "logging.conf")
     licence = Path(__file__).resolve().parents[2] / "LICENSE"
     if licence.is_file():
         shutil.copyfile(licence, out / "LICENSE")
-    atomic_write_text(out / "docs" / "README.md", bundle_readme(metadata, results, written, out, run_dir))
+    atomic_write_text(out / "docs" / "README.md", bundle_readme(metadata, results, list(workflows), out, run_dir))
     if check:
-        check_bundle(out, expert_files={**{r["name"]: v for r in records if (v := expert_files.get(r["name"]))}})
+        check_bundle(out, expert_files={r["name"]: v for r in records if (v := expert_files.get(r["name"]))})
     return out
 
 
@@ -312,8 +324,8 @@ def schema_file() -> Path | None:
 def check_bundle(root: str | Path, expert_files: Mapping[str, str] | None = None) -> list[str]:
     """MONAI's three checks of a model-zoo bundle: `verify_metadata` (offline, medpmoe's schema file),
     `verify_net_in_out` on `network_def` (needs the expert files), `check_properties` of every workflow as an
-    inference workflow after `initialize`, MLflow handlers left out (what MONAI FL and MONAI Label do). Raises on a failure; returns what
-    was checked."""
+    inference workflow after `initialize` (what MONAI FL and MONAI Label do), MLflow handlers left out. Raises on
+    a failure; returns what was checked."""
     from monai.bundle import verify_metadata, verify_net_in_out
 
     from medpmoe.bundle.workflow import drop_tracking

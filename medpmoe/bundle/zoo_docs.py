@@ -56,7 +56,8 @@ def zoo_metadata(base: Mapping, payload: Mapping, results: Mapping, experts: lis
     input/output shapes and classes, the best checkpoint's metrics, and a `medpmoe` record of the checkpoint file
     and of each expert (weights file name and sha256, or architecture and seed for a random-initialised one)."""
     meta = payload.get("metadata", {})
-    task, size, classes = meta.get("task") or settings.get("task"), settings["image_size"], list(settings["class_names"])
+    task, size = meta.get("task") or settings.get("task"), settings["image_size"]
+    classes = list(settings["class_names"])
     out = {"schema": SCHEMA_URL, "version": "0.1.0", "changelog": {"0.1.0": "trained pMoE prompts"},
            "name": "medpmoe model", "task": task, "description": "Frozen ViT experts adapted with prompts (medpmoe)",
            "authors": "medpmoe developers", "copyright": "Copyright (c) medpmoe developers", **base}
@@ -106,7 +107,8 @@ def _data_lines(run_dir: Path) -> list[str]:
     if not split.is_file():
         return []
     doc = json.loads(split.read_text())
-    return [f"Trained on {len(doc.get('train', []))} images of `{Path(str(doc.get('datalist'))).name}` (sha256 "
+    where = "/".join(Path(str(doc.get("datalist"))).parts[-2:])
+    return [f"Trained on {len(doc.get('train', []))} images of `{where}` (sha256 "
             f"`{str(doc.get('datalist_sha256'))[:16]}...`), validated on {len(doc.get('val', []))}."]
 
 
@@ -118,7 +120,8 @@ def bundle_readme(metadata: Mapping, results: Mapping, workflows: list[str], out
     lines = [f"# {metadata['name']}", "", metadata.get("description", ""), "",
              f"A MONAI bundle in the model-zoo layout, exported by `python -m medpmoe.bundle.zoo` on "
              f"{time.strftime('%Y-%m-%d')} (medpmoe {metadata['required_packages_version'].get('medpmoe')}, MONAI "
-             f"{metadata['monai_version']}, PyTorch {metadata['pytorch_version']}). {metadata.get('intended_use', '')}",
+             f"{metadata['monai_version']}, PyTorch {metadata['pytorch_version']}). "
+             f"{metadata.get('intended_use', '').rstrip('.')}.",
              "", "## Model", "",
              f"{model['task'].capitalize()} of {rec['image_size']}x{rec['image_size']} RGB images into "
              f"{', '.join(rec['class_names'])}: method `{model['method']}` ({model['num_tokens']} prompt tokens) on "
@@ -137,16 +140,19 @@ def bundle_readme(metadata: Mapping, results: Mapping, workflows: list[str], out
                                               if e.get("sha256") and not e.get("bundled")) + "}\""
     files = files if "'" in files else ""
     lines += ["# masks (or probabilities.csv) of a folder, a datalist or one image -> $B/eval/inference/",
-              f"python -m monai.bundle run inference --config_file $B/configs/inference.json --input /data/images{files}"]
+              "python -m monai.bundle run inference --config_file $B/configs/inference.json --input /data/images"
+              + files]
     if "evaluate" in workflows:
-        lines += ["# metrics on a datalist's validation split (--eval_datalist: every item) -> $B/eval/eval_metrics.json",
+        lines += ["# metrics on a datalist's validation split (--eval_datalist: every item) -> "
+                  "$B/eval/eval_metrics.json",
                   "python -m monai.bundle run evaluating --config_file $B/configs/evaluate.json --datalist "
                   f"/data/datalist.json{files}"]
-    lines += ["# MONAI's checks (the schema file ships with medpmoe: schemas/meta_schema.json)",
+    lines += ["# MONAI's checks (offline with medpmoe's copy of the schema; without --filepath MONAI downloads it)",
               "python -m monai.bundle verify_metadata --meta_file $B/configs/metadata.json --filepath "
-              "meta_schema.json",
+              "/path/to/medpmoe/schemas/meta_schema.json",
               "python -m monai.bundle verify_net_in_out network_def --meta_file $B/configs/metadata.json "
               f"--config_file $B/configs/inference.json --bundle_root $B{files}", "```", "",
-              "Without `--input` / `--datalist` the commands use the synthetic demo set the bundle was trained on "
-              "when it was (drawn again under `$B/eval`). Every key of `configs/*.json` can be set with `--key value`."]
+              "Without `--input` / `--datalist` the commands draw the synthetic demo set under `$B/eval` (a model "
+              "trained on it is then evaluated on its own validation split). Every key of `configs/*.json` can be set "
+              "with `--key value`; a misspelled key stops the run naming the closest one."]
     return "\n".join(lines) + "\n"
