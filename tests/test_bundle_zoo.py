@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -169,3 +170,28 @@ def test_copied_experts_travel_with_the_bundle_and_mistakes_name_the_option(run,
         wf.initialize()
     assert str(medpmoe_cause(info.value)).startswith("config key 'chekpoint' is unknown to this workflow; did you "
                                                      "mean 'checkpoint'")
+
+
+def test_the_documented_commands_fit_the_exported_bundle(run):
+    """docs/bundles.md's commands for an exported bundle: the files exist in it and every --key is a config key."""
+    import re
+    import shlex
+
+    doc = (REPO_ROOT / "docs" / "bundles.md").read_text()
+    section = doc[doc.index("## Sharing a trained model as a MONAI bundle"):]
+    block = re.search(r"```text\n(.*?)```", section, re.S).group(1)
+    lines = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert lines[0][0].startswith("B=") and len(lines) == 5
+    b = str(run["bundle"])
+    for argv in lines[1:]:
+        argv = [a.replace("$B", b) for a in argv]
+        assert argv[:3] == ["python", "-m", "monai.bundle"], argv
+        first = next(i for i, a in enumerate(argv) if a.startswith("--"))
+        opts = dict(zip(argv[first::2], argv[first + 1::2]))
+        config = opts.pop("--config_file", None)
+        assert Path(opts.pop("--meta_file", f"{b}/configs/metadata.json")).is_file()
+        if "--filepath" in opts:
+            assert (REPO_ROOT / opts.pop("--filepath")).is_file()
+        if config:
+            keys = json.loads(Path(config).read_text())
+            assert all(k[2:] in keys for k in opts), (argv, sorted(keys))
