@@ -181,10 +181,10 @@ def test_the_documented_commands_fit_the_exported_bundle(run):
     section = doc[doc.index("## Sharing a trained model as a MONAI bundle"):]
     block = re.search(r"```text\n(.*?)```", section, re.S).group(1)
     lines = [shlex.split(line) for line in block.splitlines() if line.strip()]
-    assert lines[0][0].startswith("B=") and len(lines) == 5
+    assert lines[0][0].startswith("ZOO=") and len(lines) == 5
     b = str(run["bundle"])
     for argv in lines[1:]:
-        argv = [a.replace("$B", b) for a in argv]
+        argv = [a.replace("$ZOO", b) for a in argv]
         assert argv[:3] == ["python", "-m", "monai.bundle"], argv
         first = next(i for i, a in enumerate(argv) if a.startswith("--"))
         opts = dict(zip(argv[first::2], argv[first + 1::2]))
