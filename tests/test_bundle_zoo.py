@@ -53,6 +53,7 @@ def run(tmp_path_factory):
     return {"out": out, "bundle": bundle, "weights": weights, "images": images, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_the_export_has_the_zoo_layout_and_names_every_expert(run):
     b = run["bundle"]
     for f in ("configs/inference.json", "configs/evaluate.json", "configs/metadata.json", "configs/logging.conf",
@@ -79,6 +80,7 @@ def test_the_export_has_the_zoo_layout_and_names_every_expert(run):
     assert "--expert_files \"{'dinov2_vitb14': '/weights/dinov2_vitb14_pretrain.pth'}\"" in readme
 
 
+@pytest.mark.slow
 def test_monai_checks_pass(run, tmp_path):
     """verify_metadata (offline schema), verify_net_in_out, check_properties after initialize (MONAI FL/Label)."""
     b, files = run["bundle"], {"expert_files": {"dinov2_vitb14": str(run["weights"])}}
@@ -95,6 +97,7 @@ def test_monai_checks_pass(run, tmp_path):
         assert wf.bundle_root == str(b) and wf.network_def.config.experts[1]["checkpoint"] == str(run["weights"])
 
 
+@pytest.mark.slow
 def test_inference_runs_from_a_folder_outside_the_repository(run, tmp_path):
     b, elsewhere = run["bundle"], tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -117,6 +120,7 @@ def test_inference_runs_from_a_folder_outside_the_repository(run, tmp_path):
     assert 0 < fg < 12 * 32 * 32  # the masks compared are neither all background nor all polyp
 
 
+@pytest.mark.slow
 def test_a_missing_expert_file_names_the_option_to_pass(run, tmp_path):
     wf = ConfigWorkflow(config_file=str(run["bundle"] / "configs" / "inference.json"), workflow_type="infer",
                         output_dir=str(tmp_path))
@@ -128,6 +132,7 @@ def test_a_missing_expert_file_names_the_option_to_pass(run, tmp_path):
         "'/path/to/dinov2_vitb14_pretrain.pth'}\"")
 
 
+@pytest.mark.slow
 def test_evaluation_from_the_export_gives_the_runs_metrics(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "eval"
@@ -141,6 +146,7 @@ def test_evaluation_from_the_export_gives_the_runs_metrics(run, tmp_path, monkey
             assert metrics[key] == pytest.approx(results[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_copied_experts_travel_with_the_bundle_and_mistakes_name_the_option(run, tmp_path, capsys):
     b = tmp_path / "copied"
     assert main(["--run_dir", str(run["out"]), "--bundle_file", TRAIN, "--out", str(b), "--copy_experts",
@@ -172,6 +178,7 @@ def test_copied_experts_travel_with_the_bundle_and_mistakes_name_the_option(run,
                                                      "mean 'checkpoint'")
 
 
+@pytest.mark.slow
 def test_the_documented_commands_fit_the_exported_bundle(run):
     """docs/bundles.md's commands for an exported bundle: the files exist in it and every --key is a config key."""
     import re
@@ -195,3 +202,25 @@ def test_the_documented_commands_fit_the_exported_bundle(run):
         if config:
             keys = json.loads(Path(config).read_text())
             assert all(k[2:] in keys for k in opts), (argv, sorted(keys))
+
+
+def test_metadata_of_a_classifier_and_the_best_checkpoints_metrics():
+    """Classification shapes (C,) out; metrics: the last epoch's only when it was the best (else the key metric)."""
+    from medpmoe.bundle.zoo_docs import best_metrics, zoo_metadata
+
+    base = json.loads((REPO_ROOT / "bundles" / "medvtab_cls" / "metadata.json").read_text())
+    payload = {"metadata": {"task": "classification", "epoch": 2, "metric_name": "val_auc", "metric": 0.9},
+               "model_config": {"task": "classification", "num_classes": 3, "method": "vpt", "moe": False,
+                                "num_tokens": 4, "prompt_layers": None, "dispatcher": "mlp", "experts": []}}
+    results = {"val_auc": 0.8, "best_val_auc": 0.9, "best_epoch": 2, "epochs": 3, "val_acc": 0.5}
+    assert best_metrics(results) == {"val_auc": 0.9}
+    assert best_metrics({**results, "epochs": 2}) == {"val_auc": 0.8, "val_acc": 0.5}  # last epoch = best epoch
+    assert best_metrics({**results, "best": {"val_auc": 0.9, "val_acc": 0.7, "epoch": 2}}) == {"val_auc": 0.9,
+                                                                                               "val_acc": 0.7}
+    meta = zoo_metadata(base, payload, results, [], "0" * 64, {"image_size": 48, "class_names": ["a", "b", "c"]})
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 3 and pred["spatial_shape"] == [1] and pred["channel_def"] == {"0": "a", "1": "b",
+                                                                                                  "2": "c"}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [48, 48]
+    assert meta["eval_metrics"] == {"val_auc": 0.9} and meta["required_packages_version"]["medpmoe"]
+    assert "optional_packages_version" not in meta and meta["pred_classes"] == "a, b, c"
