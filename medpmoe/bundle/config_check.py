@@ -144,11 +144,13 @@ def _same_kind(value, default) -> bool:
 def check_parser(parser: ConfigParser, bundle_dir: str | Path | None = None) -> None:
     """Check a parsed bundle config: every top-level key is the bundle's (train.json) or used, values have their
     default's type and range, `method` / `dispatcher` / `task` / `demo_kind` are known, `experts` entries are
-    buildable and the named files exist. `bundle_dir` (the folder of the bundle's config files) gives the defaults."""
+    buildable and the named files exist. `bundle_dir`: the folder of the bundle's config files, which give the
+    defaults (a model-zoo bundle's `configs/`, whose files' keys are all known when it has no train.json)."""
     config = parser.get()
-    root = bundle_dir if bundle_dir is not None and (Path(bundle_dir) / "train.json").is_file() else None
+    root = bundle_dir if bundle_dir is not None and Path(bundle_dir).is_dir() else None
     defaults = bundle_defaults(root) if root else {}
-    train_keys = set(ConfigParser.load_config_file(Path(root) / "train.json")) if root else set()
+    train = Path(root) / "train.json" if root else None
+    train_keys = set(ConfigParser.load_config_file(train)) if train and train.is_file() else set(defaults)
     known = used_keys(config) | train_keys | STRUCTURAL
     for key, value in config.items():  # an overlay's own key is fine unused (e.g. with tracking off), an override not
         if key not in known and value not in defaults.get(key, []):
