@@ -68,7 +68,9 @@ def exit_on_user_error(exc: BaseException) -> None:
 
 def _describe(exc: BaseException) -> str:
     message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
-    return f"{type(exc).__qualname__}: {message}"
+    from medpmoe.files import shown
+
+    return shown(f"{type(exc).__qualname__}: {message}")
 
 
 def summary_note(exc: BaseException) -> BaseException:

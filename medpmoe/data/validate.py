@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from medpmoe.data.errors import DataError
+from medpmoe.files import shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = check_items(items, task, classes, a.num_classes, multi, True, a.mask_threshold)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 2
-    print(f"{a.datalist}: {report.summary()}")
+    print(f"{shown(a.datalist)}: {report.summary()}")
     return 0 if report.ok else 2
 
 
