@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from medpmoe.data.errors import DataError
+from medpmoe.data.validation import DEFAULT_MIN_SIZE
 from medpmoe.files import shown
 
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi-label", action="store_true", default=None)
     ap.add_argument("--mask-threshold", type=float, default=128, help="for masks with soft edges (JPEG, resized)")
     ap.add_argument("--fast", action="store_true", help="headers and sizes only (what bundles check at start)")
+    ap.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="smallest image side accepted, in pixels "
+                    "(default: %(default)s, the largest patch size of the shipped experts; bundles use their experts')")
     a = ap.parse_args(argv)
     try:
         doc = read_datalist_file(a.datalist)
@@ -32,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         items = [it for key in ("training", "validation", "test") if isinstance(doc.get(key), list)
                  for it in load_datalist(a.datalist, key, task)]
         if a.fast:
-            report = quick_check(items, task, classes, a.num_classes, multi, a.mask_threshold, where=a.datalist)
+            report = quick_check(items, task, classes, a.num_classes, multi, a.mask_threshold, where=a.datalist,
+                                 min_size=a.min_size)
         else:
-            report = check_items(items, task, classes, a.num_classes, multi, True, a.mask_threshold)
+            report = check_items(items, task, classes, a.num_classes, multi, True, a.mask_threshold,
+                                 min_size=a.min_size)
     except DataError as e:
         print(f"error: {shown(e)}", file=sys.stderr)
         return 2
