@@ -24,7 +24,7 @@ from tests.test_bundle_common import TINY
 # the problem each kind of bad file is listed with
 PROBLEMS = {"bomb.png": "decompression bomb: the header claims 400 megapixels",
             "loop.png": "symbolic link loop", "loop_b.png": "symbolic link loop",
-            "small.png": "image is 4x4 pixels, below the 16-pixel minimum side"}
+            "small.png": "image is 4x4 pixels, below the 8-pixel minimum side"}
 
 
 def _png_header_bomb(path, w=20000, h=20000) -> None:
@@ -125,7 +125,8 @@ def test_bundle_start_check_lists_them_with_the_experts_patch_size(bad_datalist,
                    **{**TINY, "output_dir": str(tmp_path / "out"), "datalist": str(bad_datalist)})
     last = err.value.__notes__[-1]
     assert last.startswith("DataError: 7 bad files in ")
-    _assert_lists(last, EVERY)
+    _assert_lists(last, {**EVERY, "small.png": "image is 4x4 pixels, below the 16-pixel minimum side (the largest "
+                                               "expert patch size)"})
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-threshold", type=float, default=128, help="for masks with soft edges (JPEG, resized)")
     ap.add_argument("--fast", action="store_true", help="headers and sizes only (what bundles check at start)")
     ap.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="smallest image side accepted, in pixels "
-                    "(default: %(default)s, the largest patch size of the shipped experts; bundles use their experts')")
+                    "(default: %(default)s, the smallest expert patch size; bundles check against their experts' "
+                    "largest)")
     a = ap.parse_args(argv)
     try:
         doc = read_datalist_file(a.datalist)

@@ -24,9 +24,10 @@ from medpmoe.data.masks import mask_to_index
 from medpmoe.data.readers import as_viewed, check_readable, read_image, reader_kind
 
 CACHE_VERSION = 2
-#: the smallest image side the checks accept by default: the largest patch size of the shipped experts (ViT-B/16,
-#: SAM); an image smaller than one patch holds no more than one token's worth of picture
-DEFAULT_MIN_SIZE = 16
+#: the smallest image side the checks accept when no experts are known (converters, `validate`): the smallest patch
+#: size any expert uses; an image smaller than one patch is degenerate (a 1x1 export, a thumbnail). The bundles'
+#: start check uses the largest patch size of their own experts instead (`medpmoe.bundle.data.check_data`).
+DEFAULT_MIN_SIZE = 8
 _JPEG_END = b"\xff\xd9"
 
 
