@@ -135,13 +135,15 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def load(self, engine) -> None:
-        """Resume model, optimizer, scheduler and engine counters from `last.pt`, if present."""
+        """Resume model, optimizer, scheduler and engine counters from `last.pt`, if present; a checkpoint whose
+        values are non-finite or blown up stops the run with NonFiniteLossError saying to start over."""
         if not (self.resume and self.last_path.exists()):
             return
-        load_prompt_checkpoint(self.last_path, self.model)
         extra = read_prompt_checkpoint(self.last_path)["metadata"]["resume"]
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         base_lrs = list(getattr(self.lr_scheduler, "base_lrs", []))
+        self._refuse_diverged(extra, base_lrs)
+        load_prompt_checkpoint(self.last_path, self.model)
         self.optimizer.load_state_dict(extra["optimizer"])
         if self.lr_scheduler is not None and extra.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
@@ -152,6 +154,26 @@ class ResumableCheckpoint:
             engine.state.first_loss = extra["first_loss"]
         self.best = extra.get("best", float("-inf"))
         logger.info("resumed from %s at epoch %d, iteration %d", self.last_path, extra["epoch"], extra["iteration"])
+
+    def _refuse_diverged(self, extra: dict, base_lrs: list[float]) -> None:
+        """NonFiniteLossError when `last.pt` holds non-finite or blown-up values (weights or optimizer moments): a
+        resume from it diverges again whatever the learning rate, so the message says to start over, with a rate
+        below the one the checkpoint trained with."""
+        from medpmoe.training.guards import NonFiniteLossError, diverged_values, divergence_message, lower_learning_rate
+
+        state = read_prompt_checkpoint(self.last_path)["state_dict"]
+        moments = {f"optimizer state {k}.{n}": v for k, s in extra["optimizer"].get("state", {}).items()
+                   for n, v in s.items() if n != "step"}
+        bad = diverged_values(state) or diverged_values(moments, limit=float("inf"))
+        if bad is None:
+            return
+        groups = extra["optimizer"].get("param_groups") or [{}]
+        trained = groups[0].get("initial_lr", groups[0].get("lr"))
+        rate = lower_learning_rate(trained)  # below the rate it diverged at, or what is configured now if lower
+        rate = min(rate, base_lrs[0]) if base_lrs and base_lrs[0] else rate
+        raise NonFiniteLossError(divergence_message(
+            f"{self.last_path} (epoch {extra.get('epoch')}) holds diverged values ({bad})", checkpoint_diverged=True,
+            suggested=rate))
 
     def _apply_configured_hyperparameters(self, configured: list[dict], base_lrs: list[float]) -> None:
         """Keep the optimizer state (moments, step) but the hyperparameters of the current configuration, so a
@@ -168,7 +190,15 @@ class ResumableCheckpoint:
                     group["lr"] = base * fn(sched.last_epoch)
 
     def save(self, engine) -> None:
-        """Write `best.pt` on improvement and `last.pt` every epoch, both atomically."""
+        """Write `best.pt` on improvement and `last.pt` every epoch, both atomically; weights that have diverged
+        (non-finite, or blown up) are never written: NonFiniteLossError, the previous epoch's checkpoint is kept."""
+        from medpmoe.training.guards import NonFiniteLossError, diverged_values, divergence_message
+
+        bad = diverged_values(self.model.trainable_state_dict())
+        if bad is not None:
+            lr = [g.get("initial_lr", g.get("lr")) for g in self.optimizer.param_groups][0]
+            raise NonFiniteLossError(divergence_message(
+                f"the trainable values diverged in epoch {engine.state.epoch} ({bad})", lr, engine.state.epoch - 1))
         metric = None
         if self.evaluator is not None and self.metric_name:
             metric = self.evaluator.state.metrics.get(self.metric_name)
