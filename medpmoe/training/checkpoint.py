@@ -13,6 +13,10 @@ from medpmoe.files import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 FORMAT = "medpmoe-prompt-checkpoint/1"
+#: what a resume takes from the checkpoint's LR scheduler: its position; the rest (length, warm-up, ...) is the
+#: current configuration's
+_SCHEDULER_POSITION = frozenset({"optimizer", "lr_lambdas", "base_lrs", "last_epoch", "_step_count", "_last_lr",
+                                 "_get_lr_called_within_step", "_is_initial", "verbose"})
 
 
 class CheckpointMismatchError(ValueError):
@@ -142,14 +146,24 @@ class ResumableCheckpoint:
         extra = read_prompt_checkpoint(self.last_path)["metadata"]["resume"]
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         base_lrs = list(getattr(self.lr_scheduler, "base_lrs", []))
+        schedule = {k: v for k, v in vars(self.lr_scheduler).items() if k not in _SCHEDULER_POSITION} \
+            if self.lr_scheduler is not None else {}
         self._refuse_diverged(extra, base_lrs)
+        self._refuse_fewer_epochs(engine, extra["epoch"])
         load_prompt_checkpoint(self.last_path, self.model)
         self.optimizer.load_state_dict(extra["optimizer"])
+        # "as if these settings had been used from the start": the steps an epoch takes now (batch_size) times the
+        # epochs done; the same as recorded when nothing changed
+        epoch_length = getattr(engine.state, "epoch_length", None)
+        iteration = extra["epoch"] * epoch_length if epoch_length else extra["iteration"]
         if self.lr_scheduler is not None and extra.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+            vars(self.lr_scheduler).update(schedule)  # length, warm-up, ... as configured now (num_epochs, ...)
+            if hasattr(self.lr_scheduler, "last_epoch"):
+                self.lr_scheduler.last_epoch = iteration  # the recipe steps its scheduler once per iteration
         self._apply_configured_hyperparameters(configured, base_lrs)
         engine.state.epoch = extra["epoch"]
-        engine.state.iteration = extra["iteration"]
+        engine.state.iteration = iteration
         if extra.get("first_loss") is not None:  # DivergenceGuard's baseline: the run's own first loss
             engine.state.first_loss = extra["first_loss"]
         self.best = extra.get("best", float("-inf"))
@@ -175,6 +189,18 @@ class ResumableCheckpoint:
             f"{self.last_path} (epoch {extra.get('epoch')}) holds diverged values ({bad})", checkpoint_diverged=True,
             suggested=rate))
 
+    @staticmethod
+    def _refuse_fewer_epochs(engine, done: int) -> None:
+        """RunMismatchError naming `num_epochs` when fewer epochs are configured than the checkpoint has trained
+        (no schedule of that length passes through the checkpoint's position)."""
+        from medpmoe.training.run_identity import RunMismatchError
+
+        wanted = getattr(engine.state, "max_epochs", None)
+        if wanted is not None and wanted < done:
+            raise RunMismatchError(f"config key 'num_epochs' is {wanted} but the checkpoint to resume has trained "
+                                   f"{done} epochs already: pass --num_epochs {done} or more, or start over with "
+                                   "--fresh_start True")
+
     def _apply_configured_hyperparameters(self, configured: list[dict], base_lrs: list[float]) -> None:
         """Keep the optimizer state (moments, step) but the hyperparameters of the current configuration, so a
         resume with a changed learning rate (`resume_changed`) trains with it from its first step."""
@@ -184,10 +210,13 @@ class ResumableCheckpoint:
         sched = self.lr_scheduler
         if sched is not None and base_lrs:
             sched.base_lrs = base_lrs
+            for group, base in zip(self.optimizer.param_groups, base_lrs):
+                group["initial_lr"] = base
             lambdas = getattr(sched, "lr_lambdas", None)
             if lambdas is not None:  # LambdaLR family (MONAI's WarmupCosineSchedule): the lr for the current step
                 for group, base, fn in zip(self.optimizer.param_groups, base_lrs, lambdas):
                     group["lr"] = base * fn(sched.last_epoch)
+                sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def save(self, engine) -> None:
         """Write `best.pt` on improvement and `last.pt` every epoch, both atomically; weights that have diverged
