@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -92,9 +94,36 @@ def load_prompt_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
     return payload["metadata"]
 
 
+#: how an equal key metric is decided, by the key metric's name without its split prefix (`val_`): classification
+#: (ROC-AUC) by the lower validation loss (`<split>_loss`, cross-entropy of the probabilities), segmentation (mIoU
+#: incl. background) by the higher foreground Dice (`<split>_mean_dice`)
+TIE_BREAKS = {"auc": ("loss", "min"), "mean_iou": ("mean_dice", "max")}
+
+
+def tie_break(metric_name: str | None) -> tuple[str, str] | None:
+    """(metric name, 'min' or 'max') that breaks ties in `metric_name` (`TIE_BREAKS`), or None."""
+    if not metric_name or "_" not in metric_name:
+        return None
+    split, _, kind = metric_name.partition("_")
+    found = TIE_BREAKS.get(kind)
+    return (f"{split}_{found[0]}", found[1]) if found else None
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The scalar (number or one-element tensor) entries of an engine's metrics, as floats."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            out[str(k)] = float(v)
+    return out
+
+
 class ResumableCheckpoint:
     """Ignite handler: after each epoch write `last.pt` (trainable state, optimizer, scheduler, engine counters)
-    and `best.pt` when the validation metric improves; at start, resume from `last.pt` when it exists.
+    and `best.pt` when the validation metric improves (an equal one with a better `tie_break` metric counts; its
+    metadata keeps every validation metric of that epoch); at start, resume from `last.pt` when it exists.
 
     A killed run re-started with the same config continues from the last completed epoch and ends with the same
     number of iterations as an uninterrupted run. (ignite's `Checkpoint` + `DiskSaver(atomic=True)` is not used: with
@@ -120,6 +149,7 @@ class ResumableCheckpoint:
         self.resume = resume
         self.metadata = metadata or {}
         self.best = float("-inf")
+        self.best_tie: float | None = None  # the tie-break metric's value at the best epoch
 
     @property
     def last_path(self) -> Path:
@@ -167,6 +197,7 @@ class ResumableCheckpoint:
         if extra.get("first_loss") is not None:  # DivergenceGuard's baseline: the run's own first loss
             engine.state.first_loss = extra["first_loss"]
         self.best = extra.get("best", float("-inf"))
+        self.best_tie = extra.get("best_tie")
         logger.info("resumed from %s at epoch %d, iteration %d", self.last_path, extra["epoch"], extra["iteration"])
 
     def _refuse_diverged(self, extra: dict, base_lrs: list[float]) -> None:
@@ -218,6 +249,19 @@ class ResumableCheckpoint:
                     group["lr"] = base * fn(sched.last_epoch)
                 sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def _better(self, metric: float, metrics: dict) -> bool:
+        """True when this epoch beats the best so far: a higher key metric, or an equal one (within 1e-12) and a
+        better tie-break metric (`tie_break`)."""
+        if metric > self.best + 1e-12:
+            return True
+        tie = tie_break(self.metric_name)
+        if not tie or abs(metric - self.best) > 1e-12 or metrics.get(tie[0]) is None:
+            return False
+        value = metrics[tie[0]]
+        if self.best_tie is None:
+            return math.isfinite(value)
+        return value < self.best_tie if tie[1] == "min" else value > self.best_tie
+
     def save(self, engine) -> None:
         """Write `best.pt` on improvement and `last.pt` every epoch, both atomically; weights that have diverged
         (non-finite, or blown up) are never written: NonFiniteLossError, the previous epoch's checkpoint is kept."""
@@ -228,18 +272,21 @@ class ResumableCheckpoint:
             lr = [g.get("initial_lr", g.get("lr")) for g in self.optimizer.param_groups][0]
             raise NonFiniteLossError(divergence_message(
                 f"the trainable values diverged in epoch {engine.state.epoch} ({bad})", lr, engine.state.epoch - 1))
-        metric = None
-        if self.evaluator is not None and self.metric_name:
-            metric = self.evaluator.state.metrics.get(self.metric_name)
-        if metric is not None and metric > self.best:
-            self.best = float(metric)
-            save_prompt_checkpoint(self.best_path, self.model, epoch=engine.state.epoch, metric=self.best, **self.metadata)
+        metrics = scalar_metrics(self.evaluator.state.metrics) if self.evaluator is not None else {}
+        metric = metrics.get(self.metric_name) if self.metric_name else None
+        if metric is not None and self._better(metric, metrics):
+            self.best = metric
+            tie = tie_break(self.metric_name)
+            self.best_tie = metrics.get(tie[0]) if tie else None
+            save_prompt_checkpoint(self.best_path, self.model, epoch=engine.state.epoch, metric=self.best,
+                                   metrics=metrics, **self.metadata)
         resume = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "best": self.best,
+            "best_tie": self.best_tie,
             "first_loss": getattr(engine.state, "first_loss", None),
         }
         save_prompt_checkpoint(self.last_path, self.model, resume=resume, **self.metadata)
