@@ -87,3 +87,24 @@ def test_a_failing_end_of_run_report_keeps_the_results(tmp_path, monkeypatch, ca
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("kvasir_seg").experiment_id])
     assert run.info.status == "FINISHED" and "best_val_mean_iou" in run.data.metrics  # logged before the figures
+
+
+def test_traceback_files_go_to_one_bounded_place(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from medpmoe.bundle.errors import KEPT_TRACEBACKS, _excepthook, save_traceback
+    from medpmoe.data import DataError
+
+    monkeypatch.setenv("MEDPMOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDPMOE_TRACEBACK", raising=False)
+    paths = [save_traceback(f"traceback {i}") for i in range(KEPT_TRACEBACKS + 3)]
+    kept = sorted((tmp_path / "cache" / "errors").iterdir())
+    assert len(kept) == KEPT_TRACEBACKS and set(kept) == set(paths[3:])  # the oldest are deleted
+    try:
+        raise DataError(f"{ODD}: not a picture file")
+    except DataError:
+        _excepthook(*sys.exc_info())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "DataError: caf\\xe9_1.png: not a picture file"
+    assert f"the full traceback is in {tmp_path / 'cache' / 'errors'}" in err[-2]
+    assert len(list((tmp_path / "cache" / "errors").iterdir())) == KEPT_TRACEBACKS
