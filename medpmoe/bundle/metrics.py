@@ -16,7 +16,7 @@ from monai.handlers.ignite_metric import IgniteMetricHandler
 from monai.metrics import ROCAUCMetric
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from medpmoe.files import atomic_write_text
+from medpmoe.files import atomic_write_text, shown
 from medpmoe.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,6 @@ def write_metrics(evaluator, path: str, **extra) -> dict:
     result = {**_scalars(evaluator.state.metrics), **extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=1))
-    print("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
-          flush=True)
+    print(shown("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in result.items())), flush=True)
     return result
