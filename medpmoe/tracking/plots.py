@@ -120,7 +120,8 @@ def overlay_figure(images, pred_masks, true_masks=None, titles: Sequence[str] | 
         ax = fig.add_subplot(1, len(images), i + 1)
         chw, pm, tm = _chw(img), _mask(p), _mask(t)
         blended = blend_images(chw, pm[None], alpha=0.3, cmap="autumn") if pm is not None else chw
-        ax.imshow(np.moveaxis(np.asarray(blended), 0, -1).clip(0, 1) if blended.shape[0] == 3 else blended[0], cmap="gray")
+        ax.imshow(np.moveaxis(np.asarray(blended), 0, -1).clip(0, 1) if blended.shape[0] == 3 else blended[0],
+                  cmap="gray")
         for m, colour in ((tm, TRUE_COLOUR), (pm, PRED_COLOUR)):
             if m is not None and 0 < m.sum() < m.size:
                 ax.contour(m, levels=[0.5], colors=colour, linewidths=1.2)
