@@ -1,5 +1,6 @@
 """CLI: python -m medpmoe.data.validate DATALIST [--task T] [--classes a b ...] [--num-classes N] [--multi-label]
-[--mask-threshold 128] [--fast] — open every file a datalist names and list every problem (exit code 2 if any)."""
+[--mask-threshold 128] [--fast] [--min-size 8] — open every file a datalist names and list every problem (exit code
+2 if any)."""
 
 from __future__ import annotations
 
