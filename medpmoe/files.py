@@ -61,3 +61,15 @@ def file_sha256(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def shown(text: object) -> str:
+    """`text` (a path or a message naming one) safe to print, write or draw: bytes of a file name that are not valid
+    UTF-8 (`caf\\xe9_1.jpg`, as older Windows and scanner exports write; Python holds them as lone surrogates) are
+    spelled as `\\xe9` escapes, so no stream, font or database rejects the text."""
+    text = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a hand-written datalist)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

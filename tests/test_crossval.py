@@ -65,7 +65,8 @@ def test_two_fold_cv_tracks_folds_under_a_parent_and_resumes(tmp_path, monkeypat
     fold1 = [r for r in children if r.data.tags["fold"] == "1"][0]
     assert fold1.info.run_id == json.loads((out / "fold_1" / "mlflow_run.json").read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(fold1.info.run_id, "val_mean_iou")] == [1, 2]
-    validation = ("val_mean_iou", "val_fg_iou", "val_mean_dice", "best_val_mean_iou")
+    validation = ("val_mean_iou", "val_fg_iou", "val_mean_dice", "best_val_mean_iou", "best_val_fg_iou",
+                  "best_val_mean_dice", "baseline_val_mean_iou")
     assert set(parent.data.metrics) == {f"{m}_{s}" for m in validation for s in ("mean", "std")}  # no bookkeeping
     assert parent.data.metrics["val_mean_dice_mean"] == pytest.approx(res["summary"]["val_mean_dice"]["mean"])
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}

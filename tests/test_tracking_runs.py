@@ -156,7 +156,8 @@ def test_the_logged_model_is_servable_and_predicts_what_the_bundle_infers(seg):
     (output,) = run.outputs.model_outputs
     logged = client.get_logged_model(output.model_id)
     assert logged.source_run_id == run.info.run_id and logged.status == LoggedModelStatus.READY
-    assert logged.metrics and {m.key for m in logged.metrics} == {"best_val_mean_iou", "best_epoch"}
+    assert logged.metrics and {m.key for m in logged.metrics} == {"best_val_mean_iou", "best_val_fg_iou",
+                                                                  "best_val_mean_dice", "best_epoch"}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{seg['out'] / 'mlruns.db'}"
     try:
         model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")

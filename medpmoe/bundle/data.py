@@ -63,14 +63,54 @@ def task_info(task_name: str | None, datalist: str) -> dict:
     return {"classes": list(classes), "multi_label": bool(doc.get("multi_label", isinstance(first, list)))}
 
 
+def largest_patch_size(experts) -> int | None:
+    """The largest patch size among expert config entries (`patch_size` of a tiny expert, or the `patchN` of a named
+    expert's timm architecture), or None when none is known."""
+    import re
+
+    from medpmoe.experts.registry import expert_spec
+
+    sizes = []
+    for e in experts or []:
+        entry = e if isinstance(e, dict) else {"name": e}
+        if entry.get("patch_size"):
+            sizes.append(int(entry["patch_size"]))
+            continue
+        try:
+            found = re.search(r"patch(\d+)", expert_spec(str(entry.get("name"))).arch)
+        except Exception:  # noqa: BLE001 (an unknown name is the model's error to report, not the data check's)
+            found = None
+        if found:
+            sizes.append(int(found.group(1)))
+    return max(sizes) if sizes else None
+
+
+def _configured_min_size() -> int:
+    """The largest patch size of the running bundle's `experts`, else `DEFAULT_MIN_SIZE`."""
+    from medpmoe.bundle.config_check import _running_parser
+    from medpmoe.data.validation import DEFAULT_MIN_SIZE
+
+    parser = _running_parser()
+    try:
+        experts = parser.get_parsed_content("experts") if parser is not None and "experts" in parser else None
+    except Exception:  # noqa: BLE001 (a bad experts entry is reported when the model is built)
+        experts = None
+    return largest_patch_size(experts) or DEFAULT_MIN_SIZE
+
+
 def check_data(datalist: str, task: str, class_names: list[str] | None = None, multi_label: bool = False,
-               mask_threshold: float = 128, cache_dir: str | None = None) -> int:
-    """Check every file the datalist names (all of its lists) before anything is cached: headers, sizes, mask
-    values, labels, duplicates, with results cached by file content hash (`medpmoe.data.validation.quick_check`;
-    cache in `cache_dir`, default `$MEDPMOE_CACHE_DIR` or ~/.cache/medpmoe). One DataError line listing the bad
-    files when any is found; returns the number of items checked."""
+               mask_threshold: float = 128, cache_dir: str | None = None, min_size: int | None = None) -> int:
+    """Check every file the datalist names (all of its lists) before anything is cached: names that open (no
+    symbolic link loop), headers (no decompression bomb), sizes (each side at least `min_size`, default the largest
+    patch size of the running bundle's experts), mask values, labels, duplicates, NaN voxels of floating-point
+    volumes, with results cached by file content hash (`medpmoe.data.validation.quick_check`; cache in `cache_dir`,
+    default `$MEDPMOE_CACHE_DIR` or ~/.cache/medpmoe). One DataError line listing the bad files when any is found;
+    returns the number of items checked."""
     from medpmoe.data import load_datalist, read_datalist_file
     from medpmoe.data.validation import quick_check
+
+    if min_size is None:
+        min_size = _configured_min_size()
 
     doc = read_datalist_file(datalist)
     items = []
@@ -78,7 +118,7 @@ def check_data(datalist: str, task: str, class_names: list[str] | None = None, m
         if isinstance(doc.get(key), list):
             items += load_datalist(datalist, key, task)
     quick_check(items, task, class_names, multi_label=multi_label, mask_threshold=mask_threshold,
-                cache_dir=cache_dir, where=str(datalist))
+                cache_dir=cache_dir, where=str(datalist), min_size=min_size)
     return len(items)
 
 

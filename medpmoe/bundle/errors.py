@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def exit_on_user_error(exc: BaseException) -> None:
 
 def _describe(exc: BaseException) -> str:
     message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
-    return f"{type(exc).__qualname__}: {message}"
+    from medpmoe.files import shown
+
+    return shown(f"{type(exc).__qualname__}: {message}")
 
 
 def summary_note(exc: BaseException) -> BaseException:
@@ -94,11 +97,38 @@ def _excepthook(kind, exc, tb) -> None:
         _previous_hook(kind, summary_note(exc), tb)
         return
     # a mistake in the user's input: its message alone on the console, the whole traceback kept in a file
-    fd, path = tempfile.mkstemp(prefix="medpmoe-error-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(traceback.format_exception(kind, summary_note(exc), tb)))
-    print(f"(the full traceback is in {path}; MEDPMOE_TRACEBACK=1 prints it here)", file=sys.stderr)
+    path = save_traceback("".join(traceback.format_exception(kind, summary_note(exc), tb)))
+    where = f"the full traceback is in {path}" if path else "the traceback could not be saved"
+    print(f"({where}; MEDPMOE_TRACEBACK=1 prints it here)", file=sys.stderr)
     print(_describe(cause), file=sys.stderr, flush=True)
+
+
+#: how many traceback files `save_traceback` keeps (the newest)
+KEPT_TRACEBACKS = 10
+
+
+def traceback_dir() -> Path:
+    """Where traceback files go: `errors/` in medpmoe's cache folder (`$MEDPMOE_CACHE_DIR`, else ~/.cache/medpmoe)."""
+    from medpmoe.data.validation import default_cache_dir
+
+    return default_cache_dir() / "errors"
+
+
+def save_traceback(text: str) -> Path | None:
+    """Write `text` to a new file in `traceback_dir()` and delete all but the newest `KEPT_TRACEBACKS` there (one
+    bounded place, never the temp folder); its path, or None when it cannot be written."""
+    folder = traceback_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=time.strftime("error-%Y%m%d-%H%M%S-"), suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+        old = sorted(folder.glob("error-*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))[:-KEPT_TRACEBACKS]
+        for p in old:
+            p.unlink(missing_ok=True)
+    except OSError:
+        return None
+    return Path(name)
 
 
 def close_progress_bars() -> None:

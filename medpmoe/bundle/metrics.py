@@ -16,7 +16,7 @@ from monai.handlers.ignite_metric import IgniteMetricHandler
 from monai.metrics import ROCAUCMetric
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from medpmoe.files import atomic_write_text
+from medpmoe.files import atomic_write_text, shown
 from medpmoe.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -73,13 +73,25 @@ class MacroAUC(IgniteMetricHandler):
                          save_details=False)
 
 
+def probability_loss(prob: np.ndarray, target: np.ndarray, multi_label: bool = False, eps: float = 1e-7) -> float:
+    """Mean cross-entropy of class probabilities (N, C) against one-hot targets, or (multi-label) mean binary
+    cross-entropy per label."""
+    p = np.clip(prob.astype(np.float64), eps, 1 - eps)
+    y = target.astype(np.float64)
+    if not multi_label:
+        return float(-(y * np.log(p)).sum(1).mean())
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
 class ClassificationMetrics:
     """Ignite handler on an evaluator: accuracy, balanced accuracy (single-label) and ROC-AUC per class.
 
     Reads the decollated output (`pred` probabilities (C,), `label` one-hot or multi-hot (C,)) and writes
     `<prefix>_acc` (multi-label: mean per-label accuracy at 0.5), `<prefix>_balanced_acc` (single-label: mean
     per-class recall, scikit-learn), `<prefix>_auc_<class>` for every class (NaN where undefined, with a warning
-    naming the class) into state.metrics.
+    naming the class) and `<prefix>_loss` (the unweighted cross-entropy of the probabilities, binary cross-entropy
+    per label for multi-label: scikit-learn's log loss; what breaks ties in the key metric when the best checkpoint
+    is chosen) into state.metrics.
     """
 
     def __init__(self, class_names: list[str], multi_label: bool = False, prefix: str = "val") -> None:
@@ -113,7 +125,7 @@ class ClassificationMetrics:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             pred, label = evenly_divisible_all_gather(pred), evenly_divisible_all_gather(label)
         p, y = pred.numpy(), label.numpy()
-        out = {}
+        out = {f"{self.prefix}_loss": probability_loss(p, y, self.multi_label)}
         if self.multi_label:
             out[f"{self.prefix}_acc"] = float(((p >= 0.5) == (y >= 0.5)).mean())
         else:
@@ -154,6 +166,6 @@ def write_metrics(evaluator, path: str, **extra) -> dict:
     result = {**_scalars(evaluator.state.metrics), **extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=1))
-    print("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
-          flush=True)
+    print(shown("evaluation: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in result.items())), flush=True)
     return result

@@ -8,6 +8,7 @@ import sys
 
 from medpmoe.data.converters import LAYOUTS, MEDMNIST_SPLITS
 from medpmoe.data.errors import DataError
+from medpmoe.files import shown
 from medpmoe.data.tasks import TASKS
 
 
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = LAYOUTS[a.layout](a.root, a.out, on_error=a.on_error)
     except (DataError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out}\n{report.summary()}")
+    print(f"wrote {shown(a.out)}\n{report.summary()}")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Build datalists from common dataset layouts: Kvasir-SEG, CVC-ClinicDB, ISIC/HAM10000, MedMNIST .npz,
 folder-per-class.
 
-Every converter opens every image and mask it lists (`medpmoe.data.validation.check_items`): on_error='raise'
-stops with one DataError listing every problem; 'skip' writes the good items and returns the skipped ones, each
-with its problem, in the report. Images with identical content share a patient_id (listed in report.notes).
+Every converter opens every image and mask it finds (`medpmoe.data.validation.check_items`; a file it cannot
+open, a symbolic link loop included, is a problem too, never dropped unlisted): on_error='raise' stops with one
+DataError listing every problem; 'skip' writes the good items and returns the skipped ones, each with its problem,
+in the report. Images with identical content share a patient_id (listed in report.notes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ MEDMNIST_SPLITS = ("train", "val", "test")
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
+    """Every entry with a picture suffix that is not a folder: files, and also symbolic link loops and dangling
+    links, so that the checks list them by name instead of the converter dropping them unseen."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICTURE_SUFFIXES and not p.is_dir())
 
 
 def _need_dir(folder: Path, what: str) -> None:

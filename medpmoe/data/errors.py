@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from medpmoe.files import shown
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem."""
@@ -41,8 +43,8 @@ def check_on_error(on_error: str) -> None:
 def problems_message(problems: list[tuple[str, str]], what: str = "bad files", hint: str = "") -> str:
     """One line: 'file: problem' for a single problem, else 'N <what>: f1: p1; f2: p2; ... and M more'."""
     if len(problems) == 1 and not hint:
-        return f"{problems[0][0]}: {problems[0][1]}"
-    listed = "; ".join(f"{f}: {p}" for f, p in problems[:LISTED])
+        return shown(f"{problems[0][0]}: {problems[0][1]}")
+    listed = shown("; ".join(f"{f}: {p}" for f, p in problems[:LISTED]))
     more = f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else ""
     return f"{len(problems)} {what}: {listed}{more}{hint}"
 
@@ -79,7 +81,7 @@ class DataReport:
                  + (f", {len(self.notes)} notes" if self.notes else "")]
         lines += [f"  {f}: {p}" for f, p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return shown("\n".join(lines))
 
 
 def join_pool_workers(timeout: float = 60.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from medpmoe.files import file_sha256
@@ -15,14 +16,20 @@ def find_duplicates(items: list[dict], key: str = "image", hasher=None) -> list[
     seen_hash: dict[str, int] = {}
     dups = []
     for i, it in enumerate(items):
-        p = str(Path(it[key]).resolve())
+        try:
+            p = str(Path(it[key]).resolve())
+        except (OSError, RuntimeError, ValueError):  # a symbolic link loop, an unreadable name: the checks say so
+            p = os.path.abspath(str(it[key]))
         if p in seen_path:
             dups.append((seen_path[p], i, "same path"))
             continue
         seen_path[p] = i
-        if not Path(p).exists():
+        try:
+            h = hasher(p) if Path(p).exists() else None
+        except (OSError, ValueError):  # unreadable: the file checks list it
+            h = None
+        if h is None:
             continue
-        h = hasher(p)
         if h in seen_hash:
             dups.append((seen_hash[h], i, "same content"))
         else:

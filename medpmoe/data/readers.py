@@ -200,17 +200,51 @@ def strip_phi(meta: dict) -> dict:
     return meta
 
 
+def _missing(path: Path) -> str:
+    """Why `path` cannot be opened: its name, a symbolic link loop or a dangling link, permissions, absence."""
+    import errno
+    import os
+
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return "unreadable file name (it holds characters no file system name can hold)"
+    if "\x00" in str(path):
+        return "unreadable file name (it holds a NUL character)"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (the link points, through other links, back to itself)"
+        if e.errno == errno.ENAMETOOLONG:
+            return "unreadable file name (longer than the file system allows)"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied (cannot look into its folder)"
+        if path.is_symlink():
+            return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+        return "file not found"
+    return ""
+
+
 def check_readable(path: str | Path) -> Path:
-    """The path, after the checks every reader shares: it exists, is not empty, has a known type."""
+    """The path, after the checks every reader shares: a name the system can open (no symbolic link loop, no dangling
+    link, readable), not empty, a known type."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    problem = _missing(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     reader_kind(path)
     if path.is_dir():
         if not any(f.is_file() for f in path.iterdir()):
             raise DataError(f"{path}: empty DICOM series folder")
-    elif path.stat().st_size == 0:
+        return path
+    if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from None
     return path
 
 

@@ -1,5 +1,6 @@
 """CLI: python -m medpmoe.data.validate DATALIST [--task T] [--classes a b ...] [--num-classes N] [--multi-label]
-[--mask-threshold 128] [--fast] — open every file a datalist names and list every problem (exit code 2 if any)."""
+[--mask-threshold 128] [--fast] [--min-size 8] — open every file a datalist names and list every problem (exit code
+2 if any)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import sys
 
 from medpmoe.data.errors import DataError
+from medpmoe.data.validation import DEFAULT_MIN_SIZE
+from medpmoe.files import shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi-label", action="store_true", default=None)
     ap.add_argument("--mask-threshold", type=float, default=128, help="for masks with soft edges (JPEG, resized)")
     ap.add_argument("--fast", action="store_true", help="headers and sizes only (what bundles check at start)")
+    ap.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="smallest image side accepted, in pixels "
+                    "(default: %(default)s, the smallest expert patch size; bundles check against their experts' "
+                    "largest)")
     a = ap.parse_args(argv)
     try:
         doc = read_datalist_file(a.datalist)
@@ -31,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         items = [it for key in ("training", "validation", "test") if isinstance(doc.get(key), list)
                  for it in load_datalist(a.datalist, key, task)]
         if a.fast:
-            report = quick_check(items, task, classes, a.num_classes, multi, a.mask_threshold, where=a.datalist)
+            report = quick_check(items, task, classes, a.num_classes, multi, a.mask_threshold, where=a.datalist,
+                                 min_size=a.min_size)
         else:
-            report = check_items(items, task, classes, a.num_classes, multi, True, a.mask_threshold)
+            report = check_items(items, task, classes, a.num_classes, multi, True, a.mask_threshold,
+                                 min_size=a.min_size)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 2
-    print(f"{a.datalist}: {report.summary()}")
+    print(f"{shown(a.datalist)}: {report.summary()}")
     return 0 if report.ok else 2
 
 

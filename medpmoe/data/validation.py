@@ -23,7 +23,11 @@ from medpmoe.files import atomic_write_text, file_sha256
 from medpmoe.data.masks import mask_to_index
 from medpmoe.data.readers import as_viewed, check_readable, read_image, reader_kind
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: the smallest image side the checks accept when no experts are known (converters, `validate`): the smallest patch
+#: size any expert uses; an image smaller than one patch is degenerate (a 1x1 export, a thumbnail). The bundles'
+#: start check uses the largest patch size of their own experts instead (`medpmoe.bundle.data.check_data`).
+DEFAULT_MIN_SIZE = 8
 _JPEG_END = b"\xff\xd9"
 
 
@@ -54,12 +58,24 @@ def _tail(path: Path, n: int = 64) -> bytes:
         return f.read()
 
 
+def _bomb(path: Path, pixels: int) -> DataError:
+    from PIL import Image
+
+    return DataError(f"{path}: decompression bomb: the header claims {pixels / 1e6:.0f} megapixels, over the "
+                     f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit (PIL.Image.MAX_IMAGE_PIXELS); a broken or "
+                     "hostile file, or a slide that needs tiling first")
+
+
 def _picture_header(path: Path, decode: bool) -> tuple[dict, np.ndarray | None]:
+    import re
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             info = {"shape": [im.height, im.width], "mode": im.mode, "format": im.format}
+            if Image.MAX_IMAGE_PIXELS and im.height * im.width > Image.MAX_IMAGE_PIXELS:
+                raise _bomb(path, im.height * im.width)
             if decode:
                 return info, np.asarray(as_viewed(im))
             if im.format == "PNG":
@@ -67,6 +83,9 @@ def _picture_header(path: Path, decode: bool) -> tuple[dict, np.ndarray | None]:
             elif im.format != "JPEG" or not _tail(path).rstrip(b"\x00\r\n ").endswith(_JPEG_END):
                 im.load()  # no JPEG end marker (or another format): decode to be sure
             return info, None
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses to open it at all
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        raise _bomb(path, int(claimed.group(1)) if claimed else 0) from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a picture file (no PNG/JPEG/BMP/GIF header; is it another format renamed?)")
     except (OSError, SyntaxError, ValueError) as e:
@@ -88,6 +107,8 @@ def _tiff_header(path: Path, decode: bool) -> tuple[dict, np.ndarray | None]:
             if any(o + n > size for o, n in zip(page.dataoffsets, page.databytecounts)):
                 raise ValueError("image data runs past the end of the file (truncated)")
             shape = page.shape[1:] if page.axes.startswith("S") else page.shape
+            if page.dtype.kind == "f" and not np.isfinite(page.asarray()).all():
+                raise ValueError("image contains NaN or infinite values")
             return {"shape": list(shape[:2]), "mode": str(page.dtype)}, None
     except Exception as e:
         raise DataError(f"{path}: cannot read TIFF image ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -125,7 +146,13 @@ def _medical_header(path: Path, kind: str) -> dict:
             need = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
             if path.stat().st_size < need:
                 raise ValueError(f"file holds {path.stat().st_size} bytes, {need} expected (truncated)")
+        if img.get_data_dtype().kind == "f":
+            bad = int((~np.isfinite(np.asanyarray(img.dataobj))).sum())  # floats can hold NaN: read the voxels
+            if bad:
+                raise DataError(f"{path}: {bad} voxels are NaN or infinite (every voxel must be a number)")
         return {"shape": list(img.shape[:3])}
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot read {kind} image ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
@@ -188,14 +215,23 @@ def _duplicates(items: list[dict], hasher=None) -> dict[int, str]:
     return out
 
 
+def _big_enough(image: Path, info: dict, min_size: int) -> dict:
+    """`info`, or DataError when the image's height or width is below `min_size` pixels."""
+    h, w = (list(info["shape"]) + [0, 0])[:2]
+    if min_size and min(h, w) < min_size:
+        raise DataError(f"{image}: image is {h}x{w} pixels, below the {min_size}-pixel minimum side (the largest "
+                        "expert patch size): too small to hold a picture")
+    return info
+
+
 def _check_item(it: dict, task: str | None, classes, num_classes, multi_label, decode: bool, threshold,
-                inspect=inspect_file, mask_check=mask_problem) -> dict:
+                inspect=inspect_file, mask_check=mask_problem, min_size: int = 0) -> dict:
     it = dict(it)
     image = Path(it["image"])
     if task == "segmentation":
         if "label" not in it:
             raise DataError(f"{image}: no mask ('label') given")
-        img = inspect(image, decode)
+        img = _big_enough(image, inspect(image, decode), min_size)
         mask = inspect(it["label"], False)
         if tuple(img["shape"]) != tuple(mask["shape"]):
             raise DataError(f"{it['label']}: mask size {tuple(mask['shape'])} differs from image {image} "
@@ -209,7 +245,7 @@ def _check_item(it: dict, task: str | None, classes, num_classes, multi_label, d
             it["label"] = check_class_label(it["label"], classes, num_classes, multi_label)
         except ValueError as e:
             raise DataError(f"{image}: {e}") from None
-    inspect(image, decode)
+    _big_enough(image, inspect(image, decode), min_size)
     return it
 
 
@@ -221,6 +257,8 @@ def _run(items: list[dict], check, workers: int) -> list[tuple[dict | None, str 
         except DataError as e:
             file, _, problem = str(e).partition(": ")
             return None, file, problem
+        except OSError as e:  # e.g. a file that vanished or turned unreadable while being checked
+            return None, str(e.filename or it.get("image")), f"cannot read ({e.strerror or type(e).__name__})"
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(pool.map(one, items))
@@ -265,19 +303,22 @@ def _collect(items: list[dict], check, workers: int, group_duplicates: bool = Fa
 
 def check_items(items: list[dict], task: str | None = None, classes: list[str] | None = None,
                 num_classes: int | None = None, multi_label: bool = False, decode: bool = True,
-                mask_threshold: float = 128, workers: int = 2, group_duplicates: bool = False) -> DataReport:
+                mask_threshold: float = 128, workers: int = 2, group_duplicates: bool = False,
+                min_size: int = DEFAULT_MIN_SIZE) -> DataReport:
     """Every item checked (decoded when `decode`), nothing raised for bad items: report.items are the good ones
     (labels as ints), report.problems lists every (file, problem). `group_duplicates`: images with the same
-    content share a patient_id (noted in report.notes) instead of being problems."""
+    content share a patient_id (noted in report.notes) instead of being problems. Images with a side below
+    `min_size` pixels are problems."""
     def check(it):
-        return _check_item(it, task, classes, num_classes, multi_label, decode, mask_threshold)
+        return _check_item(it, task, classes, num_classes, multi_label, decode, mask_threshold, min_size=min_size)
 
     return _collect(items, check, workers, group_duplicates)
 
 
 def validate_datalist(items: list[dict], task: str | None = None, classes: list[str] | None = None,
                       num_classes: int | None = None, multi_label: bool = False, on_error: str = "raise",
-                      check_images: bool = True, mask_threshold: float = 128, workers: int = 2) -> DataReport:
+                      check_images: bool = True, mask_threshold: float = 128, workers: int = 2,
+                      min_size: int = DEFAULT_MIN_SIZE) -> DataReport:
     """Open every item (decode images and masks: readable, finite, non-constant, mask size and values, label,
     duplicates of another patient).
 
@@ -286,7 +327,8 @@ def validate_datalist(items: list[dict], task: str | None = None, classes: list[
     headers and sizes only.
     """
     check_on_error(on_error)
-    report = check_items(items, task, classes, num_classes, multi_label, check_images, mask_threshold, workers)
+    report = check_items(items, task, classes, num_classes, multi_label, check_images, mask_threshold, workers,
+                         min_size=min_size)
     report.raise_if_problems(on_error, "bad items")
     if not report.items:
         raise DataError(f"no usable items left after validation:\n{report.summary()}")
@@ -354,9 +396,11 @@ class _HashCache:
 
 def quick_check(items: list[dict], task: str | None = None, classes: list[str] | None = None,
                 num_classes: int | None = None, multi_label: bool = False, mask_threshold: float = 128,
-                cache_dir: str | Path | None = None, where: str = "datalist", workers: int = 2) -> DataReport:
-    """Headers, sizes, mask values, labels and duplicates of every item, cached by file content hash under
-    `cache_dir` (default `default_cache_dir()`); one DataError listing every bad file when any is found."""
+                cache_dir: str | Path | None = None, where: str = "datalist", workers: int = 2,
+                min_size: int = DEFAULT_MIN_SIZE) -> DataReport:
+    """Headers, sizes (each side at least `min_size`), mask values, labels, duplicates and the voxels of
+    floating-point volumes (NaN) of every item, cached by file content hash under `cache_dir` (default
+    `default_cache_dir()`); one DataError listing every bad file when any is found."""
     cache = _HashCache(cache_dir)
 
     def inspect(path, decode):
@@ -368,7 +412,8 @@ def quick_check(items: list[dict], task: str | None = None, classes: list[str] |
         return cache.get(path, f"mask{n}@{threshold:g}", lambda: _raise_mask(path, n, threshold)) and None
 
     def check(it):
-        return _check_item(it, task, classes, num_classes, multi_label, False, mask_threshold, inspect, masks)
+        return _check_item(it, task, classes, num_classes, multi_label, False, mask_threshold, inspect, masks,
+                           min_size)
 
     try:
         report = _collect(items, check, workers, hasher=cache.content_hash)

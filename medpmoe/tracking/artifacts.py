@@ -9,6 +9,7 @@ Training and evaluation runs use the same artifact paths: `plots/segmentation_ov
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -16,10 +17,23 @@ from pathlib import Path
 
 import torch
 
+from medpmoe.files import shown
 from medpmoe.tracking.plots import confusion_matrix_figure, overlay_figure, roc_figure
 from medpmoe.tracking.scrub import scrub_params
 
 PLOTS = "plots"
+logger = logging.getLogger(__name__)
+
+
+def reporting_step(what: str, step, /, *args, **kwargs):
+    """`step(*args, **kwargs)`, or None after a warning naming `what` when it fails: a figure, a heatmap or an
+    upload never fails the run whose results it illustrates (metrics and results are written whatever happens)."""
+    try:
+        return step(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 (any failure of a report step is a warning)
+        logger.warning("%s skipped: %s: %s", what, type(err).__name__, shown(str(err).splitlines()[0] if str(err)
+                                                                              else ""))
+        return None
 
 
 def resolve_run_id(run_id: str | None = None, mlflow_handler=None) -> str:
@@ -52,11 +66,11 @@ def checkpoint_title(checkpoint: str | Path | None, metric_name: str | None = No
     try:
         meta = read_prompt_checkpoint(checkpoint)["metadata"]
     except CheckpointMismatchError:  # not a medpmoe checkpoint: its name is all we know
-        return Path(checkpoint).name
+        return shown(Path(checkpoint).name)
     bits = [f"epoch {meta['epoch']}"] if meta.get("epoch") is not None else []
     if meta.get("metric") is not None:
         bits.append(f"{meta.get('metric_name') or metric_name or 'key metric'} {meta['metric']:.3f}")
-    return f"{Path(checkpoint).name}" + (f" ({', '.join(bits)})" if bits else "")
+    return shown(Path(checkpoint).name) + (f" ({', '.join(bits)})" if bits else "")
 
 
 def log_routing_heatmap(model, loader: Iterable, run_id: str | None = None, device="cpu",
@@ -80,7 +94,7 @@ def log_routing_heatmap(model, loader: Iterable, run_id: str | None = None, devi
 def _file_name(image) -> str:
     meta = getattr(image, "meta", None) or {}
     name = meta.get("filename_or_obj")
-    return Path(str(name)).name if name else "image"
+    return shown(Path(str(name)).name) if name else "image"
 
 
 def _class_index(x) -> int:
@@ -141,9 +155,12 @@ def log_figures(client, run_id: str, items: Sequence[dict], task: str, class_nam
     titled with its file name and Dice. Returns the artifact paths."""
     logged = []
 
-    def put(fig, name):
-        client.log_figure(run_id, fig, f"{artifact_path}/{name}")
-        logged.append(f"{artifact_path}/{name}")
+    def put(make, name):
+        def draw_and_log():
+            client.log_figure(run_id, make(), f"{artifact_path}/{name}")
+            logged.append(f"{artifact_path}/{name}")
+
+        reporting_step(f"figure {artifact_path}/{name}", draw_and_log)
 
     if not items:
         return logged
@@ -153,8 +170,9 @@ def log_figures(client, run_id: str, items: Sequence[dict], task: str, class_nam
             labels = torch.stack([torch.as_tensor(it["label"]).float().flatten() for it in items]).numpy()
         else:
             labels = [_class_index(it["label"]) for it in items]
-            put(confusion_matrix_figure(labels, scores.argmax(1), class_names, title=title), "confusion_matrix.png")
-        put(roc_figure(labels, scores, class_names, title=title), "roc_curve.png")
+            put(lambda: confusion_matrix_figure(labels, scores.argmax(1), class_names, title=title),
+                "confusion_matrix.png")
+        put(lambda: roc_figure(labels, scores, class_names, title=title), "roc_curve.png")
         return logged
     ex = [it for it in items if it.get("image") is not None][:num_examples]
     if ex:
@@ -163,9 +181,9 @@ def log_figures(client, run_id: str, items: Sequence[dict], task: str, class_nam
             d = image_dice(it["pred"], it["label"]) if it.get("label") is not None else float("nan")
             titles.append(f"{it.get('name') or _file_name(it['image'])}\n"
                           + (f"Dice {d:.2f}" if not math.isnan(d) else "Dice n/a (no foreground)"))
-        fig = overlay_figure([it["image"] for it in ex], [it["pred"] for it in ex], [it.get("label") for it in ex],
-                             titles, title=f"{title}: first {len(ex)} validation images")
-        put(fig, "segmentation_overlays.png")
+        put(lambda: overlay_figure([it["image"] for it in ex], [it["pred"] for it in ex],
+                                   [it.get("label") for it in ex], titles,
+                                   title=f"{title}: first {len(ex)} validation images"), "segmentation_overlays.png")
     return logged
 
 
@@ -225,15 +243,19 @@ class ArtifactLogger:
                                    "name": _file_name(image) if image is not None else None})
 
     def log(self, engine=None) -> None:
-        """Log the figures, routing heatmap, checkpoint, parameter report and scrubbed params to the run."""
+        """Log the figures, routing heatmap, checkpoint, parameter report and scrubbed params to the run; a step that
+        fails is a warning (the evaluation's metrics are never lost to it)."""
+        reporting_step("evaluation artifacts", self._log)
+
+    def _log(self) -> None:
         run = resolve_run_id(self.run_id, self.mlflow_handler)
         client = _client(self.tracking_uri, self.mlflow_handler)
         title = checkpoint_title(self.checkpoint, self.metric_name)
         log_figures(client, run, self.items, self.task, self.class_names, self.multi_label, title, self.num_examples,
                     self.artifact_path)
         if self.model is not None and self.loader is not None and getattr(self.model, "dispatcher", None) is not None:
-            log_routing_heatmap(self.model, self.loader, run, self.device, artifact_path=self.artifact_path,
-                                title=title, client=client)
+            reporting_step("routing heatmap", log_routing_heatmap, self.model, self.loader, run, self.device,
+                           artifact_path=self.artifact_path, title=title, client=client)
         if self.model is not None and hasattr(self.model, "experts"):
             log_parameter_report(client, run, self.model)
         if self.checkpoint and Path(self.checkpoint).is_file():
@@ -242,4 +264,4 @@ class ArtifactLogger:
             logged = client.get_run(run).data.params
             for k, v in scrub_params(self.params).items():
                 if k not in logged:
-                    client.log_param(run, k, str(v)[:6000])
+                    client.log_param(run, k, shown(v)[:6000])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medpmoe.files import atomic_write
+from medpmoe.files import atomic_write, shown
 
 PRED_COLOUR, TRUE_COLOUR = "yellow", "cyan"
 
@@ -35,7 +35,7 @@ def _np(x) -> np.ndarray:
 
 
 def _names(class_names: Sequence[str] | None, n: int) -> list[str]:
-    return list(class_names) if class_names else [str(i) for i in range(n)]
+    return [shown(c) for c in class_names] if class_names else [str(i) for i in range(n)]
 
 
 def confusion_matrix_figure(y_true, y_pred, class_names: Sequence[str] | None = None, normalize: bool = False,
@@ -51,7 +51,7 @@ def confusion_matrix_figure(y_true, y_pred, class_names: Sequence[str] | None = 
         y_true, y_pred, labels=list(range(n)), display_labels=_names(class_names, n), ax=ax, cmap="Blues",
         normalize="true" if normalize else None, values_format=".2f" if normalize else "d", xticks_rotation=30,
         colorbar=True)
-    ax.set_title(title or "confusion matrix", fontsize=9)
+    ax.set_title(shown(title or "confusion matrix"), fontsize=9)
     return fig
 
 
@@ -64,7 +64,7 @@ def roc_figure(y_true, scores, class_names: Sequence[str] | None = None, title: 
     if scores.ndim == 2 and scores.shape[1] == 2 and y_true.ndim == 1:
         scores = scores[:, 1]
     if scores.ndim == 1:
-        curves = [(class_names[1] if class_names else "positive", y_true.astype(int).ravel() == 1, scores)]
+        curves = [(shown(class_names[1]) if class_names else "positive", y_true.astype(int).ravel() == 1, scores)]
     elif y_true.ndim == 2:  # multi-label
         curves = [(n, y_true[:, c] > 0.5, scores[:, c]) for c, n in enumerate(_names(class_names, scores.shape[1]))]
     else:
@@ -80,7 +80,7 @@ def roc_figure(y_true, scores, class_names: Sequence[str] | None = None, title: 
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.legend(loc="lower right", fontsize=7)
-    ax.set_title(title or "ROC", fontsize=9)
+    ax.set_title(shown(title or "ROC"), fontsize=9)
     return fig
 
 
@@ -119,12 +119,13 @@ def overlay_figure(images, pred_masks, true_masks=None, titles: Sequence[str] | 
     for i, (img, p, t) in enumerate(zip(images, preds, trues)):
         ax = fig.add_subplot(1, len(images), i + 1)
         chw, pm, tm = _chw(img), _mask(p), _mask(t)
-        shown = blend_images(chw, pm[None], alpha=0.3, cmap="autumn") if pm is not None else chw
-        ax.imshow(np.moveaxis(np.asarray(shown), 0, -1).clip(0, 1) if shown.shape[0] == 3 else shown[0], cmap="gray")
+        blended = blend_images(chw, pm[None], alpha=0.3, cmap="autumn") if pm is not None else chw
+        ax.imshow(np.moveaxis(np.asarray(blended), 0, -1).clip(0, 1) if blended.shape[0] == 3 else blended[0],
+                  cmap="gray")
         for m, colour in ((tm, TRUE_COLOUR), (pm, PRED_COLOUR)):
             if m is not None and 0 < m.sum() < m.size:
                 ax.contour(m, levels=[0.5], colors=colour, linewidths=1.2)
-        ax.set_title(titles[i] if titles else f"#{i}", fontsize=7)
+        ax.set_title(shown(titles[i]) if titles else f"#{i}", fontsize=7)
         ax.axis("off")
     handles = [Line2D([], [], color=PRED_COLOUR, lw=2, label="prediction")]
     if any(t is not None for t in trues):
@@ -132,7 +133,7 @@ def overlay_figure(images, pred_masks, true_masks=None, titles: Sequence[str] | 
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.get_layout_engine().set(rect=(0, 0.08, 1, 0.92))
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(shown(title), fontsize=9)
     return fig
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from monai.handlers import MLFlowHandler
 from monai.utils import flatten_dict
 
+from medpmoe.files import shown
 from medpmoe.tracking.scrub import scrub_params
 
 RUN_FILE = "mlflow_run.json"
@@ -52,7 +53,7 @@ def command_line() -> str:
     for module in ("monai.bundle", "medpmoe.crossval"):
         if head.endswith(module.replace(".", "/") + "/__main__.py"):
             head = f"python -m {module}"
-    return " ".join([head, *argv[1:]])[:5000]
+    return shown(" ".join([head, *argv[1:]]))[:5000]
 
 
 def source_tags() -> dict[str, str]:
@@ -267,7 +268,7 @@ class RunMLFlowHandler(MLFlowHandler):
         if not self.cur_run:
             raise ValueError("Current Run is not Active to log params")
         logged = self.client.get_run(self.cur_run.info.run_id).data.params
-        values = {k: str(v)[:6000] for k, v in scrub_params(params).items()}
+        values = {k: shown(v)[:6000] for k, v in scrub_params(params).items()}
         changed = {k: v for k, v in values.items() if k in logged and logged[k] != v}
         if changed:
             note = ", ".join(f"{k}: {logged[k]} -> {v}" for k, v in changed.items())
@@ -287,7 +288,9 @@ class RunMLFlowHandler(MLFlowHandler):
         """At COMPLETED: the `artifacts`, then the `report` (the run is still RUNNING)."""
         super().complete()
         if self.owner and self.report is not None and self.cur_run is not None:
-            self.report(self.client, self.cur_run.info.run_id)
+            from medpmoe.tracking.artifacts import reporting_step
+
+            reporting_step("end-of-run report", self.report, self.client, self.cur_run.info.run_id)
 
     def failed(self, engine, e: BaseException) -> None:
         """At EXCEPTION_RAISED: end the run FAILED (KILLED on KeyboardInterrupt), then re-raise."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -13,6 +15,10 @@ from medpmoe.files import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 FORMAT = "medpmoe-prompt-checkpoint/1"
+#: what a resume takes from the checkpoint's LR scheduler: its position; the rest (length, warm-up, ...) is the
+#: current configuration's
+_SCHEDULER_POSITION = frozenset({"optimizer", "lr_lambdas", "base_lrs", "last_epoch", "_step_count", "_last_lr",
+                                 "_get_lr_called_within_step", "_is_initial", "verbose"})
 
 
 class CheckpointMismatchError(ValueError):
@@ -88,9 +94,36 @@ def load_prompt_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
     return payload["metadata"]
 
 
+#: how an equal key metric is decided, by the key metric's name without its split prefix (`val_`): classification
+#: (ROC-AUC) by the lower validation loss (`<split>_loss`, cross-entropy of the probabilities), segmentation (mIoU
+#: incl. background) by the higher foreground Dice (`<split>_mean_dice`)
+TIE_BREAKS = {"auc": ("loss", "min"), "mean_iou": ("mean_dice", "max")}
+
+
+def tie_break(metric_name: str | None) -> tuple[str, str] | None:
+    """(metric name, 'min' or 'max') that breaks ties in `metric_name` (`TIE_BREAKS`), or None."""
+    if not metric_name or "_" not in metric_name:
+        return None
+    split, _, kind = metric_name.partition("_")
+    found = TIE_BREAKS.get(kind)
+    return (f"{split}_{found[0]}", found[1]) if found else None
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The scalar (number or one-element tensor) entries of an engine's metrics, as floats."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            out[str(k)] = float(v)
+    return out
+
+
 class ResumableCheckpoint:
     """Ignite handler: after each epoch write `last.pt` (trainable state, optimizer, scheduler, engine counters)
-    and `best.pt` when the validation metric improves; at start, resume from `last.pt` when it exists.
+    and `best.pt` when the validation metric improves (an equal one with a better `tie_break` metric counts; its
+    metadata keeps every validation metric of that epoch); at start, resume from `last.pt` when it exists.
 
     A killed run re-started with the same config continues from the last completed epoch and ends with the same
     number of iterations as an uninterrupted run. (ignite's `Checkpoint` + `DiskSaver(atomic=True)` is not used: with
@@ -116,6 +149,7 @@ class ResumableCheckpoint:
         self.resume = resume
         self.metadata = metadata or {}
         self.best = float("-inf")
+        self.best_tie: float | None = None  # the tie-break metric's value at the best epoch
 
     @property
     def last_path(self) -> Path:
@@ -135,23 +169,68 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def load(self, engine) -> None:
-        """Resume model, optimizer, scheduler and engine counters from `last.pt`, if present."""
+        """Resume model, optimizer, scheduler and engine counters from `last.pt`, if present; a checkpoint whose
+        values are non-finite or blown up stops the run with NonFiniteLossError saying to start over."""
         if not (self.resume and self.last_path.exists()):
             return
-        load_prompt_checkpoint(self.last_path, self.model)
         extra = read_prompt_checkpoint(self.last_path)["metadata"]["resume"]
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         base_lrs = list(getattr(self.lr_scheduler, "base_lrs", []))
+        schedule = {k: v for k, v in vars(self.lr_scheduler).items() if k not in _SCHEDULER_POSITION} \
+            if self.lr_scheduler is not None else {}
+        self._refuse_diverged(extra, base_lrs)
+        self._refuse_fewer_epochs(engine, extra["epoch"])
+        load_prompt_checkpoint(self.last_path, self.model)
         self.optimizer.load_state_dict(extra["optimizer"])
+        # "as if these settings had been used from the start": the steps an epoch takes now (batch_size) times the
+        # epochs done; the same as recorded when nothing changed
+        epoch_length = getattr(engine.state, "epoch_length", None)
+        iteration = extra["epoch"] * epoch_length if epoch_length else extra["iteration"]
         if self.lr_scheduler is not None and extra.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+            vars(self.lr_scheduler).update(schedule)  # length, warm-up, ... as configured now (num_epochs, ...)
+            if hasattr(self.lr_scheduler, "last_epoch"):
+                self.lr_scheduler.last_epoch = iteration  # the recipe steps its scheduler once per iteration
         self._apply_configured_hyperparameters(configured, base_lrs)
         engine.state.epoch = extra["epoch"]
-        engine.state.iteration = extra["iteration"]
+        engine.state.iteration = iteration
         if extra.get("first_loss") is not None:  # DivergenceGuard's baseline: the run's own first loss
             engine.state.first_loss = extra["first_loss"]
         self.best = extra.get("best", float("-inf"))
+        self.best_tie = extra.get("best_tie")
         logger.info("resumed from %s at epoch %d, iteration %d", self.last_path, extra["epoch"], extra["iteration"])
+
+    def _refuse_diverged(self, extra: dict, base_lrs: list[float]) -> None:
+        """NonFiniteLossError when `last.pt` holds non-finite or blown-up values (weights or optimizer moments): a
+        resume from it diverges again whatever the learning rate, so the message says to start over, with a rate
+        below the one the checkpoint trained with."""
+        from medpmoe.training.guards import NonFiniteLossError, diverged_values, divergence_message, lower_learning_rate
+
+        state = read_prompt_checkpoint(self.last_path)["state_dict"]
+        moments = {f"optimizer state {k}.{n}": v for k, s in extra["optimizer"].get("state", {}).items()
+                   for n, v in s.items() if n != "step"}
+        bad = diverged_values(state) or diverged_values(moments, limit=float("inf"))
+        if bad is None:
+            return
+        groups = extra["optimizer"].get("param_groups") or [{}]
+        trained = groups[0].get("initial_lr", groups[0].get("lr"))
+        rate = lower_learning_rate(trained)  # below the rate it diverged at, or what is configured now if lower
+        rate = min(rate, base_lrs[0]) if base_lrs and base_lrs[0] else rate
+        raise NonFiniteLossError(divergence_message(
+            f"{self.last_path} (epoch {extra.get('epoch')}) holds diverged values ({bad})", checkpoint_diverged=True,
+            suggested=rate))
+
+    @staticmethod
+    def _refuse_fewer_epochs(engine, done: int) -> None:
+        """RunMismatchError naming `num_epochs` when fewer epochs are configured than the checkpoint has trained
+        (no schedule of that length passes through the checkpoint's position)."""
+        from medpmoe.training.run_identity import RunMismatchError
+
+        wanted = getattr(engine.state, "max_epochs", None)
+        if wanted is not None and wanted < done:
+            raise RunMismatchError(f"config key 'num_epochs' is {wanted} but the checkpoint to resume has trained "
+                                   f"{done} epochs already: pass --num_epochs {done} or more, or start over with "
+                                   "--fresh_start True")
 
     def _apply_configured_hyperparameters(self, configured: list[dict], base_lrs: list[float]) -> None:
         """Keep the optimizer state (moments, step) but the hyperparameters of the current configuration, so a
@@ -162,28 +241,55 @@ class ResumableCheckpoint:
         sched = self.lr_scheduler
         if sched is not None and base_lrs:
             sched.base_lrs = base_lrs
+            for group, base in zip(self.optimizer.param_groups, base_lrs):
+                group["initial_lr"] = base
             lambdas = getattr(sched, "lr_lambdas", None)
             if lambdas is not None:  # LambdaLR family (MONAI's WarmupCosineSchedule): the lr for the current step
                 for group, base, fn in zip(self.optimizer.param_groups, base_lrs, lambdas):
                     group["lr"] = base * fn(sched.last_epoch)
+                sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _better(self, metric: float, metrics: dict) -> bool:
+        """True when this epoch beats the best so far: a higher key metric, or an equal one (within 1e-12) and a
+        better tie-break metric (`tie_break`)."""
+        if metric > self.best + 1e-12:
+            return True
+        tie = tie_break(self.metric_name)
+        if not tie or abs(metric - self.best) > 1e-12 or metrics.get(tie[0]) is None:
+            return False
+        value = metrics[tie[0]]
+        if self.best_tie is None:
+            return math.isfinite(value)
+        return value < self.best_tie if tie[1] == "min" else value > self.best_tie
 
     def save(self, engine) -> None:
-        """Write `best.pt` on improvement and `last.pt` every epoch, both atomically; under torch.distributed only
-        rank 0 writes (every rank still loads `last.pt` to resume)."""
+        """Write `best.pt` on improvement and `last.pt` every epoch, both atomically; weights that have diverged
+        (non-finite, or blown up) are never written: NonFiniteLossError, the previous epoch's checkpoint is kept. Under
+        torch.distributed only rank 0 writes (every rank still loads `last.pt` to resume)."""
+        from medpmoe.training.guards import NonFiniteLossError, diverged_values, divergence_message
+
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
-        metric = None
-        if self.evaluator is not None and self.metric_name:
-            metric = self.evaluator.state.metrics.get(self.metric_name)
-        if metric is not None and metric > self.best:
-            self.best = float(metric)
-            save_prompt_checkpoint(self.best_path, self.model, epoch=engine.state.epoch, metric=self.best, **self.metadata)
+        bad = diverged_values(self.model.trainable_state_dict())
+        if bad is not None:
+            lr = [g.get("initial_lr", g.get("lr")) for g in self.optimizer.param_groups][0]
+            raise NonFiniteLossError(divergence_message(
+                f"the trainable values diverged in epoch {engine.state.epoch} ({bad})", lr, engine.state.epoch - 1))
+        metrics = scalar_metrics(self.evaluator.state.metrics) if self.evaluator is not None else {}
+        metric = metrics.get(self.metric_name) if self.metric_name else None
+        if metric is not None and self._better(metric, metrics):
+            self.best = metric
+            tie = tie_break(self.metric_name)
+            self.best_tie = metrics.get(tie[0]) if tie else None
+            save_prompt_checkpoint(self.best_path, self.model, epoch=engine.state.epoch, metric=self.best,
+                                   metrics=metrics, **self.metadata)
         resume = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "best": self.best,
+            "best_tie": self.best_tie,
             "first_loss": getattr(engine.state, "first_loss", None),
         }
         save_prompt_checkpoint(self.last_path, self.model, resume=resume, **self.metadata)
