@@ -30,14 +30,18 @@ class ExpertSpec:
     arch_kwargs: Mapping = field(default_factory=dict)
     family: str = "vit"  #: "vit" (timm VisionTransformer, FrozenViTExpert) or "sam" (VisionTransformerSAM, SamExpert)
     native_size: int = 224  #: the resolution the weights were trained at (docs; position tables are resampled)
+    #: run-time position interpolation as the authors' code ("dinov2", "hf"; `medpmoe.experts.positions`), or None:
+    #: the table is resampled once at load (timm)
+    pos_interpolation: str | None = None
 
 
 _SAM_B = "samvit_base_patch16"
+_DINOV2 = {"native_size": 518, "pos_interpolation": "dinov2"}  # the DINOv2 code's run-time interpolation
 EXPERTS: dict[str, ExpertSpec] = {
-    "dinov2_vits14": ExpertSpec("vit_small_patch14_dinov2", "dinov2", native_size=518),
-    "dinov2_vitb14": ExpertSpec("vit_base_patch14_dinov2", "dinov2", native_size=518),
-    "dinov2_vits14_reg": ExpertSpec("vit_small_patch14_reg4_dinov2", "dinov2", native_size=518),
-    "dinov2_vitb14_reg": ExpertSpec("vit_base_patch14_reg4_dinov2", "dinov2", native_size=518),
+    "dinov2_vits14": ExpertSpec("vit_small_patch14_dinov2", "dinov2", **_DINOV2),
+    "dinov2_vitb14": ExpertSpec("vit_base_patch14_dinov2", "dinov2", **_DINOV2),
+    "dinov2_vits14_reg": ExpertSpec("vit_small_patch14_reg4_dinov2", "dinov2", **_DINOV2),
+    "dinov2_vitb14_reg": ExpertSpec("vit_base_patch14_reg4_dinov2", "dinov2", **_DINOV2),
     "mocov3_vitb16": ExpertSpec("vit_base_patch16_224", "mocov3"),
     "mae_vitb16": ExpertSpec("vit_base_patch16_224", "mae", pooling="mean"),
     "clip_vitb16": ExpertSpec("vit_base_patch16_clip_quickgelu_224", "clip", mean_std=CLIP_MEAN_STD),
@@ -49,7 +53,8 @@ EXPERTS: dict[str, ExpertSpec] = {
                                 native_size=1024),
     "sam_vitb16": ExpertSpec(_SAM_B, "sam", pooling="mean", family="sam", native_size=1024),
     # medical ViTs
-    "raddino_vitb14": ExpertSpec("vit_base_patch14_dinov2", "hf_dinov2", mean_std=RAD_DINO_MEAN_STD, native_size=518),
+    "raddino_vitb14": ExpertSpec("vit_base_patch14_dinov2", "hf_dinov2", mean_std=RAD_DINO_MEAN_STD, native_size=518,
+                                 pos_interpolation="hf"),
     "biomedclip_vitb16": ExpertSpec("vit_base_patch16_224", "open_clip_timm", mean_std=CLIP_MEAN_STD),
     "retfound_vitl16": ExpertSpec("vit_large_patch16_224", "retfound", pooling="mean"),
     "uni_vitl16": ExpertSpec("vit_large_patch16_224", "timm", arch_kwargs={"init_values": 1e-5}),
@@ -119,7 +124,8 @@ def build_expert(
         vit = timm.create_model(spec.arch, pretrained=False, img_size=size, num_classes=0, **overrides)
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"expert {name!r}: timm model {spec.arch!r} is not a plain VisionTransformer")
-    sha = None if checkpoint is None else load_pretrained(vit, checkpoint, spec.layout, name)
+    keep = spec.pos_interpolation is not None
+    sha = None if checkpoint is None else load_pretrained(vit, checkpoint, spec.layout, name, keep_table_grid=keep)
     mean_std = mean_std or spec.mean_std
     expert: Expert
     if spec.family == "sam":
@@ -127,7 +133,8 @@ def build_expert(
                            features=features or "neck")
     else:
         pooling = pooling or (spec.pooling if vit.has_class_token else "mean")
-        expert = FrozenViTExpert(vit, name=name, mean_std=mean_std, img_size=size, pooling=pooling)
+        expert = FrozenViTExpert(vit, name=name, mean_std=mean_std, img_size=size, pooling=pooling,
+                                 pos_interpolation=spec.pos_interpolation)
     expert.checkpoint_sha256 = sha
     expert.checkpoint_path = None if checkpoint is None else str(checkpoint)
     return expert
