@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from medpmoe.experts.base import CLIP_MEAN_STD, IMAGENET_MEAN_STD, Expert
+from medpmoe.experts.base import CLIP_MEAN_STD, IMAGENET_MEAN_STD, Expert, Preprocessing
 from medpmoe.experts.positions import POS_INTERPOLATIONS, interpolate_patch_positions
 
 __all__ = ["FrozenViTExpert", "tiny_vit_expert", "IMAGENET_MEAN_STD", "CLIP_MEAN_STD"]
@@ -33,6 +33,7 @@ class FrozenViTExpert(Expert):
         pooling: str = "cls",
         trainable: bool = False,
         pos_interpolation: str | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"expert {name!r}: expected a timm VisionTransformer, got {type(vit).__name__}")
@@ -42,7 +43,7 @@ class FrozenViTExpert(Expert):
         vit.reset_classifier(0)
         super().__init__(
             vit, name, mean_std, int(img_size or vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0]),
-            vit.embed_dim, vit.num_prefix_tokens, vit.has_class_token, pooling, trainable,
+            vit.embed_dim, vit.num_prefix_tokens, vit.has_class_token, pooling, trainable, preprocessing,
         )
         self.pos_interpolation = pos_interpolation
 
@@ -96,6 +97,7 @@ def tiny_vit_expert(
     class_token: bool = True,
     pooling: str = "cls",
     seed: int | None = 0,
+    preprocessing: Preprocessing | None = None,
     **kwargs,
 ) -> FrozenViTExpert:
     """A small randomly initialised frozen ViT expert for tests, demos and CPU smoke runs."""
@@ -116,4 +118,5 @@ def tiny_vit_expert(
         dynamic_img_size=True,
         **kwargs,
     )
-    return FrozenViTExpert(vit, name=name, img_size=img_size, pooling=pooling if class_token else "mean")
+    return FrozenViTExpert(vit, name=name, img_size=img_size, pooling=pooling if class_token else "mean",
+                           preprocessing=preprocessing)

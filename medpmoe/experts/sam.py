@@ -19,7 +19,7 @@ from timm.models import vision_transformer_sam as tsam
 from torch import nn
 from torch.nn import functional as F
 
-from medpmoe.experts.base import IMAGENET_MEAN_STD, Expert
+from medpmoe.experts.base import IMAGENET_MEAN_STD, Expert, Preprocessing
 
 StateDict = dict[str, torch.Tensor]
 
@@ -118,6 +118,7 @@ class SamExpert(Expert):
         pooling: str = "mean",
         features: str = "neck",
         trainable: bool = False,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         if not isinstance(vit, tsam.VisionTransformerSAM):
             raise TypeError(f"expert {name!r}: expected a timm VisionTransformerSAM, got {type(vit).__name__}")
@@ -132,7 +133,7 @@ class SamExpert(Expert):
         vit.reset_classifier(0)
         super().__init__(
             vit, name, mean_std, int(img_size or vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0]),
-            vit.embed_dim, 0, False, pooling, trainable,
+            vit.embed_dim, 0, False, pooling, trainable, preprocessing,
         )
         self.features = features
         for blk in vit.blocks:
