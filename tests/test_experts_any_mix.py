@@ -133,3 +133,18 @@ def test_prompt_layers_still_override_and_the_report_states_each_experts_blocks(
     assert report["experts"][1]["depth"] == 12 and report["experts"][0]["preprocessing"]["resize"] == "square"
     wide = build_model([tiny_vit_expert(depth=12), tiny_vit_expert(depth=24)], num_tokens=1)
     assert wide.prompt_blocks == [list(range(12)), list(range(0, 24, 2))]  # ViT-B beside a ViT-L
+
+
+def test_fast_executor_reports_what_it_does_not_batch():
+    """Spread prompt blocks (experts of different depths) and SAM-family blocks keep the plain per-expert loop,
+    with the reason stated; same-depth plain ViTs with GaPT's temperature are batched."""
+    from medpmoe.models.fast import accelerate
+
+    spread = accelerate(build_model([tiny_vit_expert(depth=2), tiny_vit_expert(depth=4, seed=1)], num_tokens=2))
+    assert spread.executor is None and "prompt different blocks" in spread.executor_reason
+    sam = accelerate(build_model([tiny_vit_expert(depth=2, img_size=32),
+                                  tiny_sam_expert(depth=2, img_size=32, patch_size=16, window_size=0)],
+                                 method="gapt_deep", num_tokens=2))
+    assert sam.executor is None and "timm Block" in sam.executor_reason
+    same = accelerate(build_model([tiny_vit_expert(), tiny_vit_expert(seed=1)], method="gapt_deep", num_tokens=2))
+    assert same.executor is not None and same.executor_reason is None
