@@ -1,4 +1,4 @@
-"""Each expert's input preparation: the default (square bilinear resize) and its authors' (`preprocessing="authors"`)."""
+"""Each expert's input preparation: the default (square bilinear resize) and its authors' (preprocessing="authors")."""
 
 import pytest
 import torch
@@ -45,7 +45,8 @@ def test_medsam_authors_min_max_per_image_without_mean_std():
     assert e.preprocessing.minmax and torch.equal(e.std.flatten(), torch.tensor(UNIT_MEAN_STD[1]))
     x = torch.rand(2, 3, 64, 64)
     out = e.preprocess(x)
-    assert torch.allclose(out.amin(dim=(1, 2, 3)), torch.zeros(2)) and torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(2))
+    assert torch.allclose(out.amin(dim=(1, 2, 3)), torch.zeros(2))
+    assert torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(2))
     torch.testing.assert_close(e.preprocess(0.3 * x + 0.2), out)  # a dimmer image gets the same input
     default = build_expert("medsam_vitb16", random_init=True, img_size=64, arch_overrides=SAM_TINY)
     assert not torch.allclose(default.preprocess(0.3 * x + 0.2), out)
