@@ -128,10 +128,12 @@ def test_prompt_layers_still_override_and_the_report_states_each_experts_blocks(
     assert model.prompt_blocks == [[0], [0], [0], [0]]
     model = build_model(mixture(), method="vpt_deep", num_tokens=2, prompt_layers=[0.0, 0.5])
     assert model.prompt_blocks == [[0, 1], [0, 2], [0, 2], [0, 1]]
-    report = parameter_report(build_model([tiny_vit_expert(depth=2), tiny_vit_expert(depth=12)], num_tokens=2))
+    small = {"embed_dim": 32, "num_heads": 2, "img_size": 32}
+    report = parameter_report(build_model([tiny_vit_expert(depth=2, **small), tiny_vit_expert(depth=12, **small)],
+                                          num_tokens=2))
     assert [e["prompt_blocks"] for e in report["experts"]] == [[0, 1], [0, 6]]
     assert report["experts"][1]["depth"] == 12 and report["experts"][0]["preprocessing"]["resize"] == "square"
-    wide = build_model([tiny_vit_expert(depth=12), tiny_vit_expert(depth=24)], num_tokens=1)
+    wide = build_model([tiny_vit_expert(depth=12, **small), tiny_vit_expert(depth=24, **small)], num_tokens=1)
     assert wide.prompt_blocks == [list(range(12)), list(range(0, 24, 2))]  # ViT-B beside a ViT-L
 
 
