@@ -20,13 +20,27 @@ def _seg(k=2, aux_layers=(0, 1), **kw):
 
 
 def test_setr_aux_blocks_follow_the_authors_layers():
-    assert setr_aux_blocks(24) == [9, 14, 19]  # SETR-PUP on ViT-L (mmsegmentation's ADE20K config)
-    assert setr_aux_blocks(12) == [4, 7, 9]  # ViT-B: the 5th, 8th and 10th blocks
+    assert setr_aux_blocks(24) == [9, 14, 19, 23]  # SETR-PUP on ViT-L (SETR's and mmseg's base config)
+    assert setr_aux_blocks(12) == [4, 7, 9, 11]  # ViT-B: the SETR authors' DeiT-B config, in_index 4, 7, 9, 11
+    assert setr_aux_blocks(4) == [1, 2, 3]
     assert setr_aux_blocks(2) == [0, 1]  # shallow demo experts: repeats dropped
     with pytest.raises(ValueError, match="block indices per expert"):  # different head counts per expert
-        build_model([tiny_vit_expert(), tiny_vit_expert(depth=12)], task="segmentation", aux_layers=True,
+        build_model([tiny_vit_expert(), tiny_vit_expert(depth=12)], task="segmentation", aux_layers=[0.3, 0.6, 0.9],
                     prompt_layers=[0.0, 0.5])
-    assert build_model([tiny_vit_expert(depth=12)], task="segmentation", aux_layers=True).aux_blocks == [[4, 7, 9]]
+    assert build_model([tiny_vit_expert(depth=12)], task="segmentation", aux_layers=True).aux_blocks == [[4, 7, 9, 11]]
+    mixed = build_model([tiny_vit_expert(depth=2), tiny_vit_expert(depth=12)], task="segmentation", aux_layers=True)
+    assert mixed.aux_blocks == [[0, 1], [9, 11]] and len(mixed.aux_heads) == 2  # one count: each keeps its last
+
+
+def test_aux_head_variants_mmseg_two_conv_stages_setr_one():
+    mmseg = build_model([tiny_vit_expert()], task="segmentation", aux_layers=[0], head_kwargs={"channels": 8})
+    setr = build_model([tiny_vit_expert()], task="segmentation", aux_layers=[0], head_kwargs={"channels": 8},
+                       aux_head_kwargs={"variant": "setr"})
+    assert len(mmseg.aux_heads[0].stages) == 2 and len(setr.aux_heads[0].stages) == 1
+    assert setr.config.aux_head_kwargs["variant"] == "setr" and mmseg.config.aux_head_kwargs["variant"] == "mmseg"
+    assert setr.train()(torch.rand(2, 3, 64, 64)).shape == setr.aux_logits[0].shape == (2, 2, 64, 64)
+    with pytest.raises(ValueError, match="variant"):
+        build_model([tiny_vit_expert()], task="segmentation", aux_layers=[0], aux_head_kwargs={"variant": "x"})
 
 
 def test_aux_logits_in_training_only_and_main_output_unchanged(images):

@@ -6,7 +6,6 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed
 
 from medpmoe.experts import CLIP_MEAN_STD, IMAGENET_MEAN_STD, FrozenViTExpert, SamExpert, build_expert
 from medpmoe.experts.registry import EXPERTS, RAD_DINO_MEAN_STD, UNIT_MEAN_STD
@@ -66,16 +65,23 @@ def test_dinov2_registers_hub_layout(tmp_path):
     _same(e, src, 28, exact=False)
 
 
-def test_dinov2_position_embeddings_resampled_keeping_cls(tmp_path):
+def test_dinov2_position_table_kept_at_the_files_grid_and_interpolated_at_run_time(tmp_path):
+    from medpmoe.experts.positions import interpolate_patch_positions
+
     src = _source("vit_small_patch14_dinov2", 56)  # file at a 4x4 grid, expert at 2x2
     sd = _sd(src)
     sd["mask_token"] = torch.zeros(1, 48)
     torch.save(sd, tmp_path / "d.pth")
     e = build_expert("dinov2_vits14", checkpoint=tmp_path / "d.pth", img_size=28, arch_overrides=TINY)
-    want = resample_abs_pos_embed(sd["pos_embed"], (2, 2), (4, 4), num_prefix_tokens=1)
-    assert torch.allclose(e.vit.pos_embed, want)
-    assert torch.equal(e.vit.pos_embed[:, 0], sd["pos_embed"][:, 0])
+    assert torch.equal(e.vit.pos_embed, sd["pos_embed"])  # as trained, CLS row included
     assert torch.equal(e.vit.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
+    images = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = e.embed(images)
+        patches = e.vit.patch_embed(e.preprocess(images))
+    want = interpolate_patch_positions(sd["pos_embed"][:, 1:], (2, 2), "dinov2")
+    torch.testing.assert_close(tokens[:, 1:], patches + want)
+    torch.testing.assert_close(tokens[:, :1], (sd["cls_token"] + sd["pos_embed"][:, :1]).expand(2, -1, -1))
 
 
 def test_mocov3_layout(tmp_path):
@@ -187,8 +193,9 @@ def test_timm_name_without_cls_token_defaults_to_mean_pooling():
     assert e.pooling == "mean" and e.num_prefix_tokens == 0
 
 
-def test_real_size_dinov2_reg_hub_grid_37_resampled_to_224(tmp_path):
-    """A real-width (384) ViT-S/14-reg4 hub file at its 518 px training grid (37x37), one block, served at 224."""
+def test_real_size_dinov2_reg_hub_grid_37_served_at_224(tmp_path):
+    """A real-width (384) ViT-S/14-reg4 hub file at its 518 px training grid (37x37), one block, served at 224 (the
+    table interpolated at run time: tests/test_experts_dinov2_positions.py)."""
     src = _source("vit_small_patch14_reg4_dinov2", 518, embed_dim=384, depth=1, num_heads=6)
     sd = _sd(src)
     hub = {k: v for k, v in sd.items() if k not in ("reg_token", "cls_token", "pos_embed")}
@@ -199,8 +206,7 @@ def test_real_size_dinov2_reg_hub_grid_37_resampled_to_224(tmp_path):
     e = build_expert("dinov2_vits14_reg", checkpoint=tmp_path / "dinov2_vits14_reg4_pretrain.pth",
                      arch_overrides=dict(depth=1))
     assert (e.img_size, e.grid_size, e.embed_dim, e.num_prefix_tokens) == (224, (16, 16), 384, 5)
-    want = resample_abs_pos_embed(sd["pos_embed"], (16, 16), (37, 37), num_prefix_tokens=0)
-    assert torch.allclose(e.vit.pos_embed, want)
+    assert torch.equal(e.vit.pos_embed, sd["pos_embed"])  # kept at 37x37 (the CLS row folded into cls_token)
     assert torch.equal(e.vit.reg_token, sd["reg_token"]) and torch.equal(e.vit.cls_token, sd["cls_token"])
     out = e(torch.rand(1, 3, 50, 50))
     assert out.shape == (1, 5 + 256, 384)

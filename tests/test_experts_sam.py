@@ -175,3 +175,26 @@ def test_medsam_normalisation_is_identity_and_lvmmed_has_no_position_embedding(t
     assert torch.equal(e.std.flatten(), torch.tensor(UNIT_MEAN_STD[1]))
     lvm = build_expert("lvmmed_vitb16", random_init=True, img_size=32, arch_overrides=TINY_SAM)
     assert lvm.vit.pos_embed is None and lvm.pooling == "mean"
+
+
+def test_gapt_temperature_divides_the_whole_sam_logits_relative_terms_included():
+    """softmax((q k^T * scale + rel_bias(q)) / t) written out by hand equals `prompted_attention(..., t)`; t = 1 is
+    the untempered block bit for bit."""
+    from timm.models import vision_transformer_sam as tsam
+
+    from medpmoe.experts.sam import prompted_attention
+
+    e = tiny_sam_expert(img_size=32, patch_size=8, window_size=0, global_attn_indexes=(0, 1))
+    attn = e.vit.blocks[0].attn
+    grid, none = torch.randn(2, 4, 4, 32), torch.zeros(2, 0, 32)
+    t = torch.tensor(0.37)
+    _, out = prompted_attention(attn, grid, none, t)
+    x = grid.reshape(2, 16, 32)
+    qkv = attn.qkv(x).view(2, 16, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, 2 * attn.num_heads, 16, -1)
+    bias = tsam.get_decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (4, 4), (4, 4))
+    a = (((q * attn.scale) @ k.transpose(-2, -1) + bias) / t).softmax(-1) @ v
+    ref = attn.proj(a.view(2, attn.num_heads, 16, -1).transpose(1, 2).reshape(2, 16, -1)).view(2, 4, 4, -1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    tokens = torch.randn(2, 3 + 16, 32)
+    assert torch.equal(e.vit.blocks[1](tokens, torch.tensor(1.0)), e.vit.blocks[1](tokens))

@@ -158,14 +158,26 @@ def test_temperatures_are_projected_onto_the_authors_range(images):
     assert model.methods[0].temperature.tolist() == pytest.approx([10.0, 0.01])
 
 
-def test_temperature_needs_timm_blocks():
+def test_temperature_kept_per_expert_off_only_where_the_blocks_cannot_take_it(images):
+    """An expert with unknown block types gets GaPT without temperature (one warning naming it); the other
+    experts, a SAM-style one included, keep theirs and train it."""
     from timm.models.vision_transformer import Block
+
+    from medpmoe.experts import tiny_sam_expert
+    from medpmoe.models.pmoe import PMoEModel
 
     class OtherBlock(Block):
         pass
 
-    e = tiny_vit_expert()
+    e = tiny_vit_expert(name="odd")
     e.vit.blocks[1].__class__ = OtherBlock
-    with pytest.raises(ValueError, match="learn_temperature=False"):
-        build_model([e], method="gapt", num_tokens=NP)
-    assert build_model([e], method="gapt", num_tokens=NP, method_kwargs={"learn_temperature": False})
+    sam = tiny_sam_expert(img_size=64, patch_size=16, window_size=2)
+    with pytest.warns(UserWarning, match="expert 'odd': GaPT attention temperature off"):
+        model = build_model([e, tiny_vit_expert(name="plain"), sam], method="gapt_deep", num_tokens=NP)
+    assert [m.temperature is None for m in model.methods] == [True, False, False]
+    assert model.notices == [n for n in model.notices if "'odd'" in n] and len(model.notices) == 1
+    model.train()(images).sum().backward()
+    assert model.methods[1].temperature.grad.abs().min() > 0 and model.methods[2].temperature.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="learn_temperature=False"):  # built by hand: refused, not adapted
+        PMoEModel([e], [build_model([tiny_vit_expert()], method="gapt", num_tokens=NP).methods[0]], [[0, 1]],
+                  torch.nn.Identity())

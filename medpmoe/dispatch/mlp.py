@@ -60,18 +60,30 @@ class Dispatcher(nn.Module):
         return list(self.mix(weights, stacked).unbind(dim=1)), weights
 
 
+def first_layer_placeholder() -> nn.Module:
+    """What stands at index 0 of an accumulated-prompt list (`A`, `router_A`): no parameters, never called (the
+    first prompt layer has no previous prompt outputs)."""
+    return nn.Identity()
+
+
+def accumulated_prompt_maps(num_layers: int, in_dim: int, out_dim: int) -> nn.ModuleList:
+    """One linear map per prompt layer for the accumulated-prompt term, a placeholder at the first layer."""
+    return nn.ModuleList(first_layer_placeholder() if i == 0 else nn.Linear(in_dim, out_dim) for i in range(num_layers))
+
+
 class MLPDispatcher(Dispatcher):
     """`D_k^l = softmax_K(E(P_k^l) + A(Z_{P,k}^l) + mean_patches(Z(Z_k^l)))`, shared by all experts.
 
     One (E, A, Z) triple of linear maps D_s -> K per prompt layer. The accumulated-prompt term A is dropped
-    where there are no previous prompt outputs (the first prompt layer). Because Z is linear,
-    mean_patches(Z(Z_k)) is computed as Z(mean_patches(Z_k)).
+    where there are no previous prompt outputs, the first prompt layer: `A[0]` is a parameter-free placeholder
+    (`first_layer_placeholder`; indices stay layer numbers), so no parameter that can never receive a gradient is
+    built, counted or saved. Because Z is linear, mean_patches(Z(Z_k)) is computed as Z(mean_patches(Z_k)).
     """
 
     def __init__(self, num_experts: int, num_layers: int, shared_dim: int, expert_dims: Sequence[int]) -> None:
         super().__init__(num_experts, num_layers, shared_dim, expert_dims)
         self.E = nn.ModuleList(nn.Linear(shared_dim, num_experts) for _ in range(num_layers))
-        self.A = nn.ModuleList(nn.Linear(shared_dim, num_experts) for _ in range(num_layers))
+        self.A = accumulated_prompt_maps(num_layers, shared_dim, num_experts)
         self.Z = nn.ModuleList(nn.Linear(shared_dim, num_experts) for _ in range(num_layers))
 
     def logits(self, layer, epts, prompts_out, patches):
@@ -80,7 +92,7 @@ class MLPDispatcher(Dispatcher):
         extra = []
         for k, (p_out, z) in enumerate(zip(prompts_out, patches)):
             term = self.Z[layer](self.to_shared[k](z.mean(dim=1)))[:, None, :]  # (B, 1, K)
-            if p_out is not None and p_out.shape[1] > 0:
+            if layer > 0 and p_out is not None and p_out.shape[1] > 0:
                 term = term + self.A[layer](self.to_shared[k](p_out))  # (B, Np, K)
             extra.append(term.expand(-1, out.shape[2], -1))
         return out + torch.stack(extra, dim=1)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medpmoe.dispatch.mlp import Dispatcher, MLPDispatcher
+from medpmoe.dispatch.mlp import Dispatcher, MLPDispatcher, accumulated_prompt_maps
 
 #: Dispatching-MLP counts of the paper's Appendix B ablation; its 6 row coincides with the headline rows.
 PAPER_NUM_DISPATCHERS = (3, 6, 9)
@@ -51,7 +51,7 @@ class MoEMLPDispatcher(Dispatcher):
             MLPDispatcher(num_experts, num_layers, shared_dim, shared) for _ in range(num_dispatchers)
         )
         self.router_E = nn.ModuleList(nn.Linear(shared_dim, num_dispatchers) for _ in range(num_layers))
-        self.router_A = nn.ModuleList(nn.Linear(shared_dim, num_dispatchers) for _ in range(num_layers))
+        self.router_A = accumulated_prompt_maps(num_layers, shared_dim, num_dispatchers)  # none at layer 0
         self.router_Z = nn.ModuleList(nn.Linear(shared_dim, num_dispatchers) for _ in range(num_layers))
         self._aux_terms: list[torch.Tensor] = []
 
@@ -61,7 +61,7 @@ class MoEMLPDispatcher(Dispatcher):
         extra = []
         for p_out, z in zip(prompts_out, patches):
             term = self.router_Z[layer](z.mean(dim=1))[:, None, :]
-            if p_out is not None and p_out.shape[1] > 0:
+            if layer > 0 and p_out is not None and p_out.shape[1] > 0:
                 term = term + self.router_A[layer](p_out)
             extra.append(term.expand(-1, out.shape[2], -1))
         return out + torch.stack(extra, dim=1)

@@ -3,12 +3,44 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+RESIZES = ("square", "longest_side")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an expert turns [0, 1] images (B, 3, H, W) into its input of `img_size` x `img_size`, in this order:
+
+    1. resize: `"square"` to img_size x img_size; `"longest_side"` the longest side to img_size keeping the aspect
+       ratio (SAM's `ResizeLongestSide`: new side int(side * scale + 0.5));
+    2. `minmax`: each image scaled to [0, 1] by its own min and max (MedSAM's inference);
+    3. the expert's mean/std;
+    4. `"longest_side"` only: zeros padded at the bottom and right to img_size x img_size (SAM's `preprocess`).
+
+    `interpolation` ("bilinear" or "bicubic") and `antialias` are passed to `F.interpolate`.
+    """
+
+    resize: str = "square"
+    interpolation: str = "bilinear"
+    antialias: bool = False
+    minmax: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ValueError(f"preprocessing resize must be one of {RESIZES}, got {self.resize!r}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"preprocessing interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+
+    def as_dict(self) -> dict:
+        """Plain values (for run summaries)."""
+        return asdict(self)
 
 
 class Expert(nn.Module):
@@ -36,6 +68,7 @@ class Expert(nn.Module):
         has_class_token: bool,
         pooling: str,
         trainable: bool = False,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -52,6 +85,7 @@ class Expert(nn.Module):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.patch_size = int(patch_size)
         self.img_size = int(img_size)
+        self.preprocessing = preprocessing or Preprocessing()
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(trainable)
@@ -105,12 +139,25 @@ class Expert(nn.Module):
 
     # --- forward pieces ---------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize [0, 1] images to this expert's input size and normalise with its mean/std."""
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            images = nn.functional.interpolate(
-                images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=False
-            )
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        """[0, 1] images -> this expert's input: resized, (min-max scaled,) normalised with its mean/std (and
+        padded), as its `preprocessing` says (`Preprocessing`)."""
+        p, s = self.preprocessing, self.img_size
+        h, w = images.shape[-2:]
+        size = (s, s)
+        if p.resize == "longest_side":
+            scale = s / max(h, w)
+            size = (int(h * scale + 0.5), int(w * scale + 0.5))
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode=p.interpolation, align_corners=False,
+                                   antialias=p.antialias)
+        if p.minmax:
+            lo = images.amin(dim=(1, 2, 3), keepdim=True)
+            hi = images.amax(dim=(1, 2, 3), keepdim=True)
+            images = (images - lo) / (hi - lo).clamp_min(1e-8)
+        images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        if size != (s, s):
+            images = F.pad(images, (0, s - size[1], 0, s - size[0]))
+        return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Plain frozen forward (no prompts): output tokens (B, prefix + N, out_dim)."""

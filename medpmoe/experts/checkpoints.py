@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from medpmoe.experts.layouts import LAYOUTS, first_keys, unwrap
+from medpmoe.experts.positions import keep_file_table
 from medpmoe.files import file_sha256
 
 StateDict = dict[str, torch.Tensor]
@@ -104,15 +105,20 @@ def check_state_dict(model: nn.Module, sd: Mapping, path: Path | str, expert: st
         raise checkpoint_error(path, expert, "; ".join(problems))
 
 
-def load_pretrained(model: nn.Module, path: Path | str, layout: str, expert: str) -> str:
+def load_pretrained(
+    model: nn.Module, path: Path | str, layout: str, expert: str, keep_table_grid: bool = False
+) -> str:
     """Load `path` (in `layout`, see `medpmoe.experts.layouts.LAYOUTS`) into `model` strictly; return the file's
-    sha256. Never a partial load."""
+    sha256. Never a partial load. `keep_table_grid=True` keeps the file's position table at its own grid (for
+    experts that interpolate it at run time) instead of resampling it to the model's."""
     if layout not in LAYOUTS:
         raise ValueError(f"expert {expert!r}: unknown checkpoint layout {layout!r}; known: {sorted(LAYOUTS)}")
     obj = read_checkpoint(path, expert)
     check_patch_size(obj, model, path, expert)
     try:
         sd = LAYOUTS[layout](obj, model)
+        if keep_table_grid:
+            sd = keep_file_table(sd, unwrap(obj), model)
     except Exception as e:  # noqa: BLE001 - any conversion failure is a bad file for this expert
         reason = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
         raise checkpoint_error(path, expert, f"cannot convert from the {layout!r} layout: {type(e).__name__}: "

@@ -109,8 +109,9 @@ def open_clip_timm_layout(obj: Mapping, model: nn.Module) -> StateDict:
 def hf_dinov2_layout(obj: Mapping, model: nn.Module) -> StateDict:
     """Hugging Face `transformers` Dinov2Model (RAD-DINO's `model.safetensors`): `embeddings.*`,
     `encoder.layer.N.attention.attention.{query,key,value}` (fused into timm's `attn.qkv`),
-    `attention.output.dense`, `layer_scale{1,2}.lambda1`, `layernorm`; `mask_token` dropped. A file in the DINOv2
-    code's own layout (`blocks.0.ls1.gamma`) goes through `dinov2_layout`."""
+    `attention.output.dense`, `layer_scale{1,2}.lambda1`, `layernorm`; `mask_token` dropped. transformers 5's
+    in-memory names (`attention.{q,k,v,o}_proj`; its `save_pretrained` writes the names above) are read too. A file
+    in the DINOv2 code's own layout (`blocks.0.ls1.gamma`) goes through `dinov2_layout`."""
     sd = strip(unwrap(obj), "dinov2.")
     if not any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
         if any(k.startswith(SAM_PARTS) for k in sd):
@@ -122,8 +123,9 @@ def hf_dinov2_layout(obj: Mapping, model: nn.Module) -> StateDict:
                "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
                "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
                "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
-    layer_renames = (("attention.output.dense.", "attn.proj."), ("layer_scale1.lambda1", "ls1.gamma"),
-                     ("layer_scale2.lambda1", "ls2.gamma"))
+    layer_renames = (("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
+                     ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"))
+    qkv_names = {"query": "query", "key": "key", "value": "value", "q": "query", "k": "key", "v": "value"}
     out: StateDict = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -132,9 +134,9 @@ def hf_dinov2_layout(obj: Mapping, model: nn.Module) -> StateDict:
             out[renames.get(k, k)] = v  # unknown keys stay as they are: the strict check names them
             continue
         i, rest = m.groups()
-        a = re.fullmatch(r"attention\.attention\.(query|key|value)\.(weight|bias)", rest)
+        a = re.fullmatch(r"attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)", rest)
         if a is not None:
-            qkv.setdefault((i, a.group(2)), {})[a.group(1)] = v
+            qkv.setdefault((i, a.group(3)), {})[qkv_names[a.group(1) or a.group(2)]] = v
             continue
         for old, new in layer_renames:
             rest = rest.replace(old, new)

@@ -19,17 +19,22 @@ from timm.models import vision_transformer_sam as tsam
 from torch import nn
 from torch.nn import functional as F
 
-from medpmoe.experts.base import IMAGENET_MEAN_STD, Expert
+from medpmoe.experts.base import IMAGENET_MEAN_STD, Expert, Preprocessing
 
 StateDict = dict[str, torch.Tensor]
 
 
-def prompted_attention(attn: tsam.Attention, grid: torch.Tensor, prompts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def prompted_attention(
+    attn: tsam.Attention, grid: torch.Tensor, prompts: torch.Tensor, temperature: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """timm SAM attention over [prompts, grid tokens]: (B, h, w, C) grid and (B, Np, C) prompts ->
     (prompt outputs (B, Np, C), grid outputs (B, h, w, C)).
 
     The decomposed relative position bias of SAM applies between grid tokens; rows and columns of prompt tokens
-    get zero bias. With Np = 0 this is timm's `Attention.forward` operation for operation.
+    get zero bias. With Np = 0 this is timm's `Attention.forward` operation for operation. `temperature` (GaPT's
+    learnable scalar t) divides the whole attention logits, `softmax((q k^T * scale + bias(q)) / t)`, computed as
+    attention on q / t (SAM's decomposed relative terms are linear in q, so they are divided too); t = 1 is the
+    untempered block bit for bit.
     """
     B, h, w, _ = grid.shape
     n_p = prompts.shape[1]
@@ -38,6 +43,8 @@ def prompted_attention(attn: tsam.Attention, grid: torch.Tensor, prompts: torch.
     qkv = attn.qkv(x).view(B, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, B * attn.num_heads, n, -1).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if temperature is not None:
+        q = q / temperature  # before the bias: SAM's relative terms are linear in q, so they are divided too
     bias = None
     if attn.use_rel_pos:
         bias = tsam.get_decomposed_rel_pos_bias(q[:, n_p:], attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
@@ -66,9 +73,12 @@ class PromptedSamBlock(tsam.Block):
 
     grid_size: tuple[int, int] = (0, 0)  #: the expert's patch grid (h, w), set by `SamExpert`
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, D) -> timm's SAM block; (B, Np + h*w, D) -> the prompted block, same shape."""
+    def forward(self, x: torch.Tensor, temperature: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, h, w, D) -> timm's SAM block; (B, Np + h*w, D) -> the prompted block, same shape. `temperature`
+        (a scalar tensor, GaPT) divides the attention logits of the flat path (`prompted_attention`)."""
         if x.ndim == 4:
+            if temperature is not None:
+                raise ValueError("SAM block: an attention temperature needs the flat (B, Np + h*w, D) input")
             return super().forward(x)
         h, w = self.grid_size
         B, T, C = x.shape
@@ -80,11 +90,11 @@ class PromptedSamBlock(tsam.Block):
         if self.window_size > 0:
             windows, pad_hw = tsam.window_partition(grid, self.window_size)
             n_win = windows.shape[0] // B
-            p_out, g_out = prompted_attention(self.attn, windows, prompts.repeat_interleave(n_win, dim=0))
+            p_out, g_out = prompted_attention(self.attn, windows, prompts.repeat_interleave(n_win, dim=0), temperature)
             g_out = tsam.window_unpartition(g_out, self.window_size, (h, w), pad_hw)
             p_out = p_out.view(B, n_win, n_p, C).mean(dim=1)  # one prompt output per image: mean over its windows
         else:
-            p_out, g_out = prompted_attention(self.attn, grid, prompts)
+            p_out, g_out = prompted_attention(self.attn, grid, prompts, temperature)
         y = torch.cat([p_out, g_out.reshape(B, h * w, C)], dim=1) if n_p else g_out.reshape(B, h * w, C)
         x = x + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -108,6 +118,7 @@ class SamExpert(Expert):
         pooling: str = "mean",
         features: str = "neck",
         trainable: bool = False,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         if not isinstance(vit, tsam.VisionTransformerSAM):
             raise TypeError(f"expert {name!r}: expected a timm VisionTransformerSAM, got {type(vit).__name__}")
@@ -122,7 +133,7 @@ class SamExpert(Expert):
         vit.reset_classifier(0)
         super().__init__(
             vit, name, mean_std, int(img_size or vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0]),
-            vit.embed_dim, 0, False, pooling, trainable,
+            vit.embed_dim, 0, False, pooling, trainable, preprocessing,
         )
         self.features = features
         for blk in vit.blocks:

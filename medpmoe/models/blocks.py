@@ -7,11 +7,16 @@ from timm.models.vision_transformer import Attention, Block
 from torch import nn
 from torch.nn import functional as F
 
+from medpmoe.experts.sam import PromptedSamBlock
+
 
 def temperature_unsupported_reason(block: nn.Module) -> str | None:
-    """Why `run_block(block, x, temperature)` cannot shape this block's attention (None when it can)."""
+    """Why `run_block(block, x, temperature)` cannot shape this block's attention (None when it can): timm ViT
+    `Block`s and the SAM-family `PromptedSamBlock`s can."""
+    if isinstance(block, PromptedSamBlock):
+        return None
     if type(block) is not Block or type(getattr(block, "attn", None)) is not Attention:
-        return f"attention temperature needs timm Block/Attention blocks, got {type(block).__name__}"
+        return f"attention temperature needs timm Block/Attention or SAM blocks, got {type(block).__name__}"
     return None
 
 
@@ -20,9 +25,12 @@ def run_block(block: nn.Module, x: torch.Tensor, temperature: torch.Tensor | Non
 
     `softmax(q k^T * scale / t)` is computed as attention on `q / t`, so the frozen weights are read, never
     copied or changed, and `t = 1` gives exactly `block(x)` (q / 1 == q bit for bit; same ops in the same order).
+    SAM-family blocks divide their q (and so their relative position terms) inside `prompted_attention`.
     """
     if temperature is None:
         return block(x)
+    if isinstance(block, PromptedSamBlock):
+        return block(x, temperature)
     x = x + block.drop_path1(block.ls1(_tempered_attention(block.attn, block.norm1(x), temperature)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 

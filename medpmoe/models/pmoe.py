@@ -100,6 +100,7 @@ class PMoEModel(nn.Module):
             )
         self.aux_logits: list[torch.Tensor] | None = None
         self.pool_prompts = pool_prompts
+        self.notices: list[str] = []  #: one line per option the factory adapted for an expert (run summary)
         # Execution settings (`medpmoe.models.fast.accelerate`); none of them changes the maths.
         self.amp_dtype: torch.dtype | None = None
         self.executor: nn.Module | None = None  # e.g. executor.BatchedExecutor
