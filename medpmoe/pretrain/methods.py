@@ -103,7 +103,8 @@ class DINO(nn.Module):
         self.student = vit
         self.student_head = DINOProjectionHead(vit.embed_dim, hidden_dim, bottleneck_dim, output_dim)
         self.teacher = copy.deepcopy(vit)
-        self.teacher_head = copy.deepcopy(self.student_head)
+        self.teacher_head = DINOProjectionHead(vit.embed_dim, hidden_dim, bottleneck_dim, output_dim)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())  # weight_norm heads refuse deepcopy
         deactivate_requires_grad(self.teacher)
         deactivate_requires_grad(self.teacher_head)
         self.criterion = DINOLoss(output_dim=output_dim, teacher_temp=teacher_temp, warmup_teacher_temp=teacher_temp)
