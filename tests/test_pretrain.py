@@ -36,7 +36,8 @@ def trained(tmp_path_factory):
     """A tiny ViT pretrained with MAE for 6 epochs (18 steps) on generated images."""
     root = tmp_path_factory.mktemp("pretrain")
     images = _blobs(root / "images")
-    res = pretrain(str(images), output_dir=str(root / "run"), epochs=6, learning_rate=2e-3, **TINY)
+    res = pretrain(str(images), output_dir=str(root / "run"), epochs=6, learning_rate=2e-3,
+                   **dict(TINY, tracking=True))
     return root, res
 
 
@@ -56,6 +57,19 @@ def test_mae_lowers_its_loss_and_writes_the_expert(trained):
     vit = timm.create_model(rec["arch"], pretrained=False, img_size=32, num_classes=0, **rec["arch_kwargs"])
     vit.load_state_dict(sd, strict=True)  # timm's own layout, nothing left over
     assert (root / "run" / "reconstructions.png").stat().st_size > 1000
+
+
+def test_mlflow_run_has_the_loss_curve_and_the_figure(trained):
+    import mlflow
+
+    root, _ = trained
+    rec = json.loads((root / "run" / "mlflow_run.json").read_text())
+    client = mlflow.MlflowClient(rec["tracking_uri"])
+    run = client.get_run(rec["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    assert "figures/reconstructions.png" in figures and "figures/loss.png" in figures
 
 
 def test_expert_file_loads_through_the_registry_and_trains_beside_a_plain_expert(trained):
@@ -117,8 +131,10 @@ def test_dino_runs_and_writes_a_loadable_expert(tmp_path):
     from medpmoe.experts import build_expert
 
     images = _blobs(tmp_path / "images", n=10)
+    (images / "copy.png").write_bytes((images / "img03.png").read_bytes())  # a duplicate is left out, not an error
     res = pretrain(str(images), output_dir=str(tmp_path / "dino"), method="dino", epochs=1, dino_output_dim=64,
                    **dict(TINY, holdout=0))
     assert np.isfinite(res["history"][0]["loss"])
-    assert json.loads((tmp_path / "dino" / "expert.json").read_text())["method"] == "dino"
+    rec = json.loads((tmp_path / "dino" / "expert.json").read_text())
+    assert rec["method"] == "dino" and rec["images"] == 10
     assert build_expert("mine", checkpoint=res["expert"]).patch_size == 8

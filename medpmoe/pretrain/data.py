@@ -58,17 +58,30 @@ def gather_images(sources: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def check_images(paths: Sequence[str], where: str = "images") -> None:
+def check_images(paths: Sequence[str], where: str = "images") -> list[str]:
     """Headers and sizes of every file (cached by content, `medpmoe.data.quick_check`): one DataError naming every
-    bad file."""
-    from medpmoe.data.validation import quick_check
+    bad file. Returns the paths with exact duplicates (same bytes) left out: harmless for self-supervision, they
+    would only count twice."""
+    from medpmoe.data.validation import _HashCache, quick_check  # the content memo quick_check itself uses
 
-    quick_check([{"image": p} for p in paths], where=where)
+    cache = _HashCache(None)
+    seen: dict[str, str] = {}
+    kept = []
+    for p in paths:
+        key = cache.content_hash(p) if Path(p).is_file() else p
+        if key not in seen:
+            seen[key] = p
+            kept.append(p)
+    cache.save()
+    if len(kept) < len(paths):
+        print(f"{where}: {len(paths) - len(kept)} exact duplicate images left out", flush=True)
+    quick_check([{"image": p} for p in kept], where=where)
+    return kept
 
 
 def data_sha256(paths: Sequence[str]) -> str:
     """One hash of the images' contents in order (each file's sha256, memoised like `quick_check`'s)."""
-    from medpmoe.data.validation import _HashCache  # the same content memo quick_check fills
+    from medpmoe.data.validation import _HashCache
 
     cache = _HashCache(None)
     h = hashlib.sha256()

@@ -139,7 +139,7 @@ def pretrain(
         arch_kwargs.setdefault("dynamic_img_size", True)  # local views are smaller than the global ones
 
     paths = D.gather_images(images)
-    rank_zero_first(D.check_images, paths, str(images))
+    paths = rank_zero_first(D.check_images, paths, str(images))
     data_hash = D.data_sha256(paths)
     train_idx, hold_idx = _split(len(paths), holdout, seed)
     lr = float(learning_rate) if learning_rate is not None else BASE_LR[method] * batch_size * world / 256
