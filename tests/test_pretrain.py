@@ -138,3 +138,19 @@ def test_dino_runs_and_writes_a_loadable_expert(tmp_path):
     rec = json.loads((tmp_path / "dino" / "expert.json").read_text())
     assert rec["method"] == "dino" and rec["images"] == 10
     assert build_expert("mine", checkpoint=res["expert"]).patch_size == 8
+
+
+def test_bundle_runs_on_its_demo_images_and_its_metadata_is_valid(tmp_path, monkeypatch):
+    from monai.bundle import verify_metadata
+
+    from medpmoe.bundle import run_bundle
+    from tests.test_bundle_common import REPO_ROOT, SCHEMA
+
+    root = REPO_ROOT / "bundles" / "pretrain_expert"
+    verify_metadata(meta_file=str(root / "metadata.json"), filepath=str(SCHEMA))
+    monkeypatch.chdir(tmp_path)  # self-contained: runs from any folder
+    run_bundle(str(root / "train.json"), output_dir=str(tmp_path / "out"), demo_images=12, demo_size=32,
+               image_size=32, epochs=1, batch_size=4, holdout=2, tracking=False,
+               arch_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
+    rec = read_record(tmp_path / "out" / "expert.pt")
+    assert rec["images"] == 10 and rec["img_size"] == 32 and rec["depth"] == 1
