@@ -59,6 +59,7 @@ def measure(arch: str = "vit_small_patch16_224", arch_kwargs: dict | None = None
 
 
 if __name__ == "__main__":
-    import fire
+    from medpmoe.pretrain.__main__ import parser
 
-    fire.Fire(lambda **kw: print({k: round(v, 4) if isinstance(v, float) else v for k, v in measure(**kw).items()}))
+    result = measure(**vars(parser(measure, "python -m medpmoe.pretrain.timing").parse_args()))
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
