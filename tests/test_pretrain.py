@@ -154,3 +154,28 @@ def test_bundle_runs_on_its_demo_images_and_its_metadata_is_valid(tmp_path, monk
                arch_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
     rec = read_record(tmp_path / "out" / "expert.pt")
     assert rec["images"] == 10 and rec["img_size"] == 32 and rec["depth"] == 1
+
+
+def test_ddp_under_torchrun_writes_one_expert(tmp_path):
+    import os
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).parent / "torchrun")
+    images = _blobs(tmp_path / "images", n=12)
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "medpmoe.pretrain", "--images", str(images),
+                           "--output_dir", str(tmp_path / "ddp"), "--arch", "vit_base_patch16_224", "--arch_kwargs",
+                           "{'embed_dim': 32, 'depth': 1, 'num_heads': 2}", "--image_size", "32", "--patch_size", "8",
+                           "--epochs", "1", "--batch_size", "4", "--holdout", "0", "--tracking", "False"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pretraining vit_base_patch16_224") == 1  # rank 0 speaks
+    rec = read_record(tmp_path / "ddp" / "expert.pt")
+    assert rec["images"] == 12 and np.isfinite(rec["final_loss"])
+
+
+@pytest.mark.gpu
+def test_bf16_pretraining_on_a_gpu(tmp_path):
+    images = _blobs(tmp_path / "images", n=12)
+    res = pretrain(str(images), output_dir=str(tmp_path / "gpu"), epochs=2, device="cuda", amp=True,
+                   learning_rate=2e-3, **dict(TINY, holdout=0))
+    assert all(np.isfinite(h["loss"]) for h in res["history"])

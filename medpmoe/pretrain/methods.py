@@ -43,6 +43,7 @@ class MAE(nn.Module):
         self.mask_ratio, self.norm_pix_loss = float(mask_ratio), bool(norm_pix_loss)
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        self.backbone.mask_token.requires_grad_(False)  # the encoder drops masked patches (the decoder has its own)
         self.prefix = vit.num_prefix_tokens
         self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(

@@ -263,9 +263,10 @@ def pretrain(
         LossProgressBar().attach(engine, output_transform=lambda o: {"loss": o["loss"]})
     if tracking and rank == 0:
         _attach_mlflow(engine, out, experiment_name, run_name, identity, files)
-    print(f"pretraining {arch} ({sum(p.numel() for p in vit.parameters()) / 1e6:.2f} M parameters) with {method} "
-          f"on {len(train_idx)} images ({len(hold_idx)} held back) at {image_size} px on {dev} x {world}, "
-          f"lr {lr:g}, {epochs} epochs of {len(loader)} steps", flush=True)
+    if rank == 0:
+        print(f"pretraining {arch} ({sum(p.numel() for p in vit.parameters()) / 1e6:.2f} M parameters) with {method} "
+              f"on {len(train_idx)} images ({len(hold_idx)} held back) at {image_size} px on {dev} x {world}, "
+              f"lr {lr:g}, {epochs} epochs of {len(loader)} steps", flush=True)
     try:
         engine.run(loader, max_epochs=epochs)
     finally:
