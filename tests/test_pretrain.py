@@ -179,3 +179,15 @@ def test_bf16_pretraining_on_a_gpu(tmp_path):
     res = pretrain(str(images), output_dir=str(tmp_path / "gpu"), epochs=2, device="cuda", amp=True,
                    learning_rate=2e-3, **dict(TINY, holdout=0))
     assert all(np.isfinite(h["loss"]) for h in res["history"])
+
+
+def test_bundle_stops_on_a_misspelled_key(tmp_path):
+    from medpmoe.bundle import run_bundle
+    from medpmoe.bundle.errors import ConfigError, medpmoe_cause
+    from tests.test_bundle_common import REPO_ROOT
+
+    with pytest.raises(Exception) as info:
+        run_bundle(str(REPO_ROOT / "bundles" / "pretrain_expert" / "train.json"), output_dir=str(tmp_path),
+                   epochss=3, tracking=False)
+    cause = medpmoe_cause(info.value) or info.value
+    assert isinstance(cause, ConfigError) and "'epochss'" in str(cause)

@@ -5,7 +5,6 @@ expert file in timm's layout with its record (`medpmoe.pretrain.record`)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -52,8 +52,8 @@ def measure(arch: str = "vit_small_patch16_224", arch_kwargs: dict | None = None
         step()
     cpu = (time.process_time() - t0) / (steps * batch_size) * 10_000
     per_10k = flops / batch_size * 10_000
-    out = {"arch": arch, "image_size": image_size, "method": method, "params_M": sum(p.numel() for p in vit.parameters()) / 1e6,
-           "GFLOPs_per_image": flops / batch_size / 1e9, "cpu_core_s_per_10k": cpu}
+    out = {"arch": arch, "image_size": image_size, "method": method,
+           "params_M": sum(p.numel() for p in vit.parameters()) / 1e6, "GFLOPs_per_image": flops / batch_size / 1e9, "cpu_core_s_per_10k": cpu}
     out.update({f"{gpu}_s_per_10k": per_10k / (peak * 1e12 * MFU) for gpu, peak in GPU_PEAK_TFLOPS.items()})
     return out
 
