@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "bundle", "crossval", "cv", "data", "demo", "dispatch", "experts", "export", "heads", "inference", "models",
-    "params", "prompts", "routing", "tracking", "training",
+    "params", "pretrain", "prompts", "routing", "tracking", "training",
 }
 
 

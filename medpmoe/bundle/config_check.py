@@ -241,7 +241,7 @@ def _check_experts(experts: list, parser: ConfigParser) -> None:
         name, checkpoint = entry["name"], entry.get("checkpoint")
         if not name.startswith("tiny"):
             try:
-                expert_spec(name)
+                expert_spec(name, None if _is_code(checkpoint) else checkpoint)
             except KeyError as err:
                 raise ConfigError(f"config key '{where}.name': {err.args[0]}") from None
             if checkpoint is None and not entry.get("random_init"):

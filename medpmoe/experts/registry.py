@@ -84,8 +84,27 @@ EXPERTS: dict[str, ExpertSpec] = {
 }
 
 
-def expert_spec(name: str) -> ExpertSpec:
-    """The spec for a registered name, or a timm ViT / SAM-ViT name (timm layout, mean/std from timm's config)."""
+def own_expert_spec(checkpoint: str | Path | None) -> ExpertSpec | None:
+    """The spec a pretrained expert's record gives (`python -m medpmoe.pretrain` writes `<file>.json` beside the
+    file: architecture, input size, the data's mean/std), or None when the file has no such record."""
+    if checkpoint is None or isinstance(checkpoint, (bytes, bytearray)):
+        return None
+    from medpmoe.pretrain.record import read_record
+
+    rec = read_record(checkpoint)
+    if rec is None:
+        return None
+    return ExpertSpec(rec["arch"], "timm", mean_std=(tuple(rec["mean"]), tuple(rec["std"])),
+                      img_size=int(rec["img_size"]), pooling=rec.get("pooling", "cls"),
+                      arch_kwargs=dict(rec.get("arch_kwargs") or {}), native_size=int(rec["img_size"]))
+
+
+def expert_spec(name: str, checkpoint: str | Path | None = None) -> ExpertSpec:
+    """The spec for a file with a pretraining record beside it (any `name`), a registered name, or a timm ViT /
+    SAM-ViT name (timm layout, mean/std from timm's config)."""
+    own = own_expert_spec(checkpoint)
+    if own is not None:
+        return own
     if name in EXPERTS:
         return EXPERTS[name]
     arch = name.split(".")[0]
@@ -127,7 +146,8 @@ def build_expert(
     **kwargs,
 ) -> Expert:
     """Build the expert `name` ('tiny*', 'tiny_sam*', a registered name, or a timm ViT / SAM-ViT name) and load
-    `checkpoint` strictly.
+    `checkpoint` strictly. A checkpoint written by `python -m medpmoe.pretrain` brings its own architecture, size
+    and mean/std in the record beside it (`expert.json`), whatever `name` (not 'tiny*') says.
 
     `img_size` sets the input size the expert resizes images to (position tables are resampled to its grid);
     `arch_overrides` changes the timm architecture (tiny variants in tests); `random_init=True` allows no
@@ -145,7 +165,7 @@ def build_expert(
         if preprocessing != "default":
             kwargs["preprocessing"] = resolve_preprocessing(preprocessing, None, name)
         return _tiny(name, img_size, pooling, features, kwargs)
-    spec = expert_spec(name)
+    spec = expert_spec(name, checkpoint)
     if checkpoint is None and not random_init:
         raise ExpertCheckpointError(f"expert {name!r} needs a checkpoint file (or random_init=True for smoke tests)")
     prep = resolve_preprocessing(preprocessing, spec, name)
