@@ -53,7 +53,7 @@ def test_every_config_parses_with_its_entry_point(bundle, tmp_path, monkeypatch)
     assert "ddp_ignore_executor(medpmoe.models.use_fast_path(" in parser["network"]["module"]
     assert parser["device"] == "$medpmoe.bundle.init_distributed()"
     loader = parser["train"]["dataloader"]
-    assert loader["sampler"] == "@train#sampler" and loader["shuffle"] == "$@train#sampler is None"
+    assert loader["sampler"] == "@train#sampler"  # medpmoe.data.train_loader shuffles when there is no sampler
     assert "medpmoe.bundle.distributed_sampler(@train#dataset, shuffle=True" in parser["train"]["sampler"]
     assert parser["validate"]["dataloader"]["sampler"] == "@validate#sampler"
     assert "shuffle=False, even_divisible=False" in parser["validate"]["sampler"]
