@@ -191,3 +191,21 @@ def test_bundle_stops_on_a_misspelled_key(tmp_path):
                    epochss=3, tracking=False)
     cause = medpmoe_cause(info.value) or info.value
     assert isinstance(cause, ConfigError) and "'epochss'" in str(cause)
+
+
+def test_a_bundle_config_naming_the_own_expert_passes_the_config_check(trained, monkeypatch):
+    from monai.bundle import ConfigParser
+
+    from medpmoe.bundle import ConfigError, check_parser
+    from tests.test_bundle_common import REPO_ROOT
+
+    _, res = trained
+    monkeypatch.chdir(REPO_ROOT)
+    parser = ConfigParser()
+    parser.read_config("bundles/kvasir_seg/train.json")
+    parser.resolve_macro_and_relative_ids()
+    parser["experts"] = [{"name": "own", "checkpoint": res["expert"]}, {"name": "tiny_b"}]
+    check_parser(parser)
+    parser["experts"] = [{"name": "own", "checkpoint": res["expert"] + ".missing"}]
+    with pytest.raises(ConfigError, match="unknown expert 'own'"):  # no file, no record: the name alone is unknown
+        check_parser(parser)
