@@ -127,16 +127,26 @@ def test_a_bad_image_among_good_ones_is_named(tmp_path):
     assert "broken.png" in last and "img00.png" not in last, proc.stderr[-2000:]
 
 
-def test_dino_runs_and_writes_a_loadable_expert(tmp_path):
+def test_dino_with_local_views_on_dicom_nifti_tiff_and_png_writes_a_loadable_expert(tmp_path):
+    import os
+    import shutil
+
+    import nibabel.testing
+    import pydicom.data
+    import tifffile
+
     from medpmoe.experts import build_expert
 
-    images = _blobs(tmp_path / "images", n=10)
+    images = _blobs(tmp_path / "images", n=6)
     (images / "copy.png").write_bytes((images / "img03.png").read_bytes())  # a duplicate is left out, not an error
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), images / "ct.dcm")
+    shutil.copy(os.path.join(nibabel.testing.data_path, "example4d.nii.gz"), images / "volume.nii.gz")
+    tifffile.imwrite(images / "grey16.tif", (np.random.default_rng(0).random((40, 40)) * 65535).astype(np.uint16))
     res = pretrain(str(images), output_dir=str(tmp_path / "dino"), method="dino", epochs=1, dino_output_dim=64,
-                   **dict(TINY, holdout=0))
+                   dino_local_views=2, **dict(TINY, holdout=0))
     assert np.isfinite(res["history"][0]["loss"])
     rec = json.loads((tmp_path / "dino" / "expert.json").read_text())
-    assert rec["method"] == "dino" and rec["images"] == 10
+    assert rec["method"] == "dino" and rec["images"] == 9
     assert build_expert("mine", checkpoint=res["expert"]).patch_size == 8
 
 
