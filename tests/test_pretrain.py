@@ -219,3 +219,12 @@ def test_a_bundle_config_naming_the_own_expert_passes_the_config_check(trained, 
     parser["experts"] = [{"name": "own", "checkpoint": res["expert"] + ".missing"}]
     with pytest.raises(ConfigError, match="unknown expert 'own'"):  # no file, no record: the name alone is unknown
         check_parser(parser)
+
+
+def test_timing_counts_the_step_flops_and_cpu_time():
+    from medpmoe.pretrain.timing import measure
+
+    a = measure("vit_base_patch16_224", {"embed_dim": 32, "depth": 1, "num_heads": 2}, 32, 8, batch_size=4, steps=1)
+    b = measure("vit_base_patch16_224", {"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 8, batch_size=4, steps=1)
+    assert 0 < a["GFLOPs_per_image"] < b["GFLOPs_per_image"] and a["cpu_core_s_per_10k"] > 0
+    assert a["A100_s_per_10k"] > a["H100/H200 (SXM)_s_per_10k"] > 0
