@@ -127,16 +127,26 @@ def test_a_bad_image_among_good_ones_is_named(tmp_path):
     assert "broken.png" in last and "img00.png" not in last, proc.stderr[-2000:]
 
 
-def test_dino_runs_and_writes_a_loadable_expert(tmp_path):
+def test_dino_with_local_views_on_dicom_nifti_tiff_and_png_writes_a_loadable_expert(tmp_path):
+    import os
+    import shutil
+
+    import nibabel.testing
+    import pydicom.data
+    import tifffile
+
     from medpmoe.experts import build_expert
 
-    images = _blobs(tmp_path / "images", n=10)
+    images = _blobs(tmp_path / "images", n=6)
     (images / "copy.png").write_bytes((images / "img03.png").read_bytes())  # a duplicate is left out, not an error
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), images / "ct.dcm")
+    shutil.copy(os.path.join(nibabel.testing.data_path, "example4d.nii.gz"), images / "volume.nii.gz")
+    tifffile.imwrite(images / "grey16.tif", (np.random.default_rng(0).random((40, 40)) * 65535).astype(np.uint16))
     res = pretrain(str(images), output_dir=str(tmp_path / "dino"), method="dino", epochs=1, dino_output_dim=64,
-                   **dict(TINY, holdout=0))
+                   dino_local_views=2, **dict(TINY, holdout=0))
     assert np.isfinite(res["history"][0]["loss"])
     rec = json.loads((tmp_path / "dino" / "expert.json").read_text())
-    assert rec["method"] == "dino" and rec["images"] == 10
+    assert rec["method"] == "dino" and rec["images"] == 9
     assert build_expert("mine", checkpoint=res["expert"]).patch_size == 8
 
 
@@ -191,3 +201,30 @@ def test_bundle_stops_on_a_misspelled_key(tmp_path):
                    epochss=3, tracking=False)
     cause = medpmoe_cause(info.value) or info.value
     assert isinstance(cause, ConfigError) and "'epochss'" in str(cause)
+
+
+def test_a_bundle_config_naming_the_own_expert_passes_the_config_check(trained, monkeypatch):
+    from monai.bundle import ConfigParser
+
+    from medpmoe.bundle import ConfigError, check_parser
+    from tests.test_bundle_common import REPO_ROOT
+
+    _, res = trained
+    monkeypatch.chdir(REPO_ROOT)
+    parser = ConfigParser()
+    parser.read_config("bundles/kvasir_seg/train.json")
+    parser.resolve_macro_and_relative_ids()
+    parser["experts"] = [{"name": "own", "checkpoint": res["expert"]}, {"name": "tiny_b"}]
+    check_parser(parser)
+    parser["experts"] = [{"name": "own", "checkpoint": res["expert"] + ".missing"}]
+    with pytest.raises(ConfigError, match="unknown expert 'own'"):  # no file, no record: the name alone is unknown
+        check_parser(parser)
+
+
+def test_timing_counts_the_step_flops_and_cpu_time():
+    from medpmoe.pretrain.timing import measure
+
+    a = measure("vit_base_patch16_224", {"embed_dim": 32, "depth": 1, "num_heads": 2}, 32, 8, batch_size=4, steps=1)
+    b = measure("vit_base_patch16_224", {"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 8, batch_size=4, steps=1)
+    assert 0 < a["GFLOPs_per_image"] < b["GFLOPs_per_image"] and a["cpu_core_s_per_10k"] > 0
+    assert a["A100_s_per_10k"] > a["H100/H200 (SXM)_s_per_10k"] > 0

@@ -27,9 +27,17 @@ def measure(arch: str = "vit_small_patch16_224", arch_kwargs: dict | None = None
             patch_size: int | None = None, method: str = "mae", batch_size: int = 16, steps: int = 3) -> dict:
     """CPU seconds per 10,000 images on one core (process time of `steps` optimizer steps after a warm-up one) and
     GPU estimates per 10,000 images from the step's FLOPs at `MFU` of each GPU's bf16 peak."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(arch, arch_kwargs, image_size, patch_size, method, batch_size, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(arch, arch_kwargs, image_size, patch_size, method, batch_size, steps) -> dict:
     from medpmoe.pretrain.methods import build_method, create_vit
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     kwargs = dict(arch_kwargs or {})
     if patch_size:
