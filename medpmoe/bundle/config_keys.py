@@ -48,11 +48,13 @@ def accepted_arguments(target) -> set[str] | None:
         names = set()
         for fn in inits:
             try:
-                names |= {p.name for p in inspect.signature(fn).parameters.values()
-                          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+                params = inspect.signature(fn).parameters.values()
             except (TypeError, ValueError):
                 return None
-        return names or None
+            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                return names or None  # this __init__ takes named arguments only: the chain stops here
+        return None  # the last __init__ takes **kwargs of its own (e.g. ignite's ProgressBar: tqdm's arguments)
     try:
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):

@@ -37,7 +37,8 @@ class LSPTStyle(PromptMethod):
         self.prompts = nn.Parameter(torch.empty(self.num_layers, self.num_tokens, self.shared_dim).uniform_(-v, v))
         self.memory = nn.LSTMCell(self.shared_dim, self.shared_dim)
         d_s, d_k = self.shared_dim, self.expert_dim
-        self.to_shared = nn.Identity() if d_s == d_k else nn.Linear(d_k, d_s, bias=False)
+        # S^l exists from the second prompt layer on: with one prompt layer nothing is mapped
+        self.to_shared = nn.Identity() if d_s == d_k or self.num_layers < 2 else nn.Linear(d_k, d_s, bias=False)
         self._cell: torch.Tensor | None = None
 
     def spatial_prompts(self, ctx: PromptLayerContext) -> torch.Tensor | None:
