@@ -101,8 +101,8 @@ def final_report(evaluator, output_dir: str, metric_name: str, trainer=None, che
 
     An unchanged re-run of a finished run trains nothing (`medpmoe.training.start_run`): its results are reported.
     """
-    from medpmoe.tracking.report import best_metrics
-    from medpmoe.training.checkpoint import scalar_metrics, tie_break
+    from medpmoe.report_step import reporting_step
+    from medpmoe.training.checkpoint import best_metrics, scalar_metrics, tie_break
 
     state = evaluator.state
     out = Path(output_dir) / "results.json"
@@ -130,8 +130,6 @@ def final_report(evaluator, output_dir: str, metric_name: str, trainer=None, che
     baseline = {}
     dataset = getattr(getattr(evaluator, "data_loader", None), "dataset", None)
     if dataset is not None:
-        from medpmoe.tracking.artifacts import reporting_step
-
         classes = len((meta or {}).get("class_names") or ()) or 2
         baseline = reporting_step("trivial baseline", trivial_baseline, dataset, metric_name, classes,
                                   bool((meta or {}).get("multi_label"))) or {}

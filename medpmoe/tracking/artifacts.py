@@ -18,22 +18,12 @@ from pathlib import Path
 import torch
 
 from medpmoe.files import shown
+from medpmoe.report_step import reporting_step
 from medpmoe.tracking.plots import confusion_matrix_figure, overlay_figure, roc_figure
 from medpmoe.tracking.scrub import scrub_params
 
 PLOTS = "plots"
 logger = logging.getLogger(__name__)
-
-
-def reporting_step(what: str, step, /, *args, **kwargs):
-    """`step(*args, **kwargs)`, or None after a warning naming `what` when it fails: a figure, a heatmap or an
-    upload never fails the run whose results it illustrates (metrics and results are written whatever happens)."""
-    try:
-        return step(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 (any failure of a report step is a warning)
-        logger.warning("%s skipped: %s: %s", what, type(err).__name__, shown(str(err).splitlines()[0] if str(err)
-                                                                              else ""))
-        return None
 
 
 def resolve_run_id(run_id: str | None = None, mlflow_handler=None) -> str:

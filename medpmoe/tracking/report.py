@@ -9,8 +9,9 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from medpmoe.tracking.artifacts import (checkpoint_title, log_figures, log_routing_heatmap, predict_items,
-                                        reporting_step)
+from medpmoe.report_step import reporting_step
+from medpmoe.tracking.artifacts import checkpoint_title, log_figures, log_routing_heatmap, predict_items
+from medpmoe.training.checkpoint import best_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +85,3 @@ class BestCheckpointReport:
                                title=title, client=client)
         finally:
             self.model.load_state_dict(trained, strict=False)
-
-
-def best_metrics(meta: dict, metric_name: str) -> dict[str, float]:
-    """{'best_epoch', 'best_<name>' ...}: every validation metric of a best checkpoint's epoch, from its metadata
-    (`metrics`; older checkpoints hold the key metric only)."""
-    values = dict(meta.get("metrics") or {})
-    if meta.get("metric") is not None:
-        values.setdefault(metric_name, float(meta["metric"]))
-    out = {"best_epoch": int(meta.get("epoch") or 0)}
-    out.update({f"best_{k}": float(v) for k, v in values.items()})
-    return out

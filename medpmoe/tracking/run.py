@@ -288,7 +288,7 @@ class RunMLFlowHandler(MLFlowHandler):
         """At COMPLETED: the `artifacts`, then the `report` (the run is still RUNNING)."""
         super().complete()
         if self.owner and self.report is not None and self.cur_run is not None:
-            from medpmoe.tracking.artifacts import reporting_step
+            from medpmoe.report_step import reporting_step
 
             reporting_step("end-of-run report", self.report, self.client, self.cur_run.info.run_id)
 

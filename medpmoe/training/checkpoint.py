@@ -293,3 +293,14 @@ class ResumableCheckpoint:
             "first_loss": getattr(engine.state, "first_loss", None),
         }
         save_prompt_checkpoint(self.last_path, self.model, resume=resume, **self.metadata)
+
+
+def best_metrics(meta: dict, metric_name: str) -> dict[str, float]:
+    """{'best_epoch', 'best_<name>' ...}: every validation metric of a best checkpoint's epoch, from its metadata
+    (`metrics`; older checkpoints hold the key metric only)."""
+    values = dict(meta.get("metrics") or {})
+    if meta.get("metric") is not None:
+        values.setdefault(metric_name, float(meta["metric"]))
+    out = {"best_epoch": int(meta.get("epoch") or 0)}
+    out.update({f"best_{k}": float(v) for k, v in values.items()})
+    return out
