@@ -51,6 +51,12 @@ SKIP = [
     (r"medpmoe\.bundle\.zoo|\$ZOO", "the model-zoo export and the exported bundle: tests/test_bundle_zoo.py runs them "
                                     "on a trained demo run"),
     (r"medpmoe\.pretrain|bundles/pretrain_expert", "expert pretraining: its own tests run it with tiny settings"),
+    (r"\bE/(expert_|cv_|pneumonia_png)|kvasir_seg_dev D/datalist\.json", "docs/pretraining.md's experiment: "
+                                                                       "CPU-minutes on ../shared/data, run by hand"),
+    (r"outputs/my_expert/expert\.pt", "trains beside the expert the (skipped) pretraining command writes: "
+                                      "tests/test_pretrain.py loads such a file and trains a pMoE step with it"),
+    (r"benchmarks/inference_memory\.py", "minutes of inference on 600 frames (tests/test_inference_streaming.py "
+                                         "checks the same bound on fewer frames)"),
     (r"^make gpu-check", "prepares or runs the GPU machine's checks"),
 ]
 TINY = {"demo_images": 12, "demo_size": 32, "image_size": 32, "batch_size": 4, "num_epochs": 1}

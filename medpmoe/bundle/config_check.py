@@ -239,16 +239,16 @@ def _check_experts(experts: list, parser: ConfigParser) -> None:
             raise ConfigError(f"config key {where!r} must be a dict with a 'name' (e.g. {{'name': 'dinov2_vitb14', "
                               f"'checkpoint': '/weights/dinov2_vitb14_pretrain.pth'}}), got {entry!r}")
         name, checkpoint = entry["name"], entry.get("checkpoint")
+        if _is_code(checkpoint):  # e.g. "$@weights_dir + '/lvmmed_vit.pth'" in the expert presets
+            checkpoint = parser.get_parsed_content(f"experts{ID_SEP_KEY}{i}{ID_SEP_KEY}checkpoint")
+        if checkpoint is not None and not Path(str(checkpoint)).expanduser().is_file():  # first: an own expert's
+            raise ConfigError(f"config key '{where}.checkpoint': no file at {checkpoint}")  # name needs its file
         if not name.startswith("tiny"):
             try:
-                expert_spec(name, None if _is_code(checkpoint) else checkpoint)
+                expert_spec(name, checkpoint)
             except KeyError as err:
                 raise ConfigError(f"config key '{where}.name': {err.args[0]}") from None
             if checkpoint is None and not entry.get("random_init"):
                 raise ConfigError(f"config key {where!r}: expert {name!r} needs a 'checkpoint' file "
                                   "(see docs/experts.md for where each one comes from)")
         check_expert_keys(entry, where)
-        if _is_code(checkpoint):  # e.g. "$@weights_dir + '/lvmmed_vit.pth'" in the expert presets
-            checkpoint = parser.get_parsed_content(f"experts{ID_SEP_KEY}{i}{ID_SEP_KEY}checkpoint")
-        if checkpoint is not None and not Path(str(checkpoint)).expanduser().is_file():
-            raise ConfigError(f"config key '{where}.checkpoint': no file at {checkpoint}")
