@@ -50,11 +50,8 @@ SKIP = [
     # other branches' commands (not on this branch when this list was written; drop an entry to run its command):
     (r"medpmoe\.bundle\.zoo|\$ZOO", "the model-zoo export and the exported bundle: tests/test_bundle_zoo.py runs them "
                                     "on a trained demo run"),
-    (r"medpmoe\.pretrain|bundles/pretrain_expert", "expert pretraining: its own tests run it with tiny settings"),
     (r"\bE/(expert_|cv_|pneumonia_png)|kvasir_seg_dev D/datalist\.json", "docs/pretraining.md's experiment: "
                                                                        "CPU-minutes on ../shared/data, run by hand"),
-    (r"outputs/my_expert/expert\.pt", "trains beside the expert the (skipped) pretraining command writes: "
-                                      "tests/test_pretrain.py loads such a file and trains a pMoE step with it"),
     (r"benchmarks/inference_memory\.py", "minutes of inference on 600 frames (tests/test_inference_streaming.py "
                                          "checks the same bound on fewer frames)"),
     (r"^make gpu-check", "prepares or runs the GPU machine's checks"),
@@ -65,6 +62,9 @@ TINY_EXPERTS = [
     {"name": "tiny_b", "patch_size": 16, "img_size": 32, "embed_dim": 24, "depth": 1, "num_heads": 2, "seed": 1},
 ]
 EPOCH_LIMIT = ["--train#trainer#max_epochs", "1", "--train#report#log_model", "False"]  # no MLflow model: seconds
+#: expert pretraining (CLI and bundle) at a tiny size; fresh_start: the docs' commands share output folders
+PRETRAIN_TINY = {"epochs": 1, "image_size": 32, "patch_size": 8, "batch_size": 4, "holdout": 2, "fresh_start": True,
+                 "arch_kwargs": "{'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'dynamic_img_size': True}"}
 K_FOLDS = 2  # cross-validation commands run 2 of their folds' trainings (the fold logic is tests/test_crossval.py's)
 
 
@@ -103,10 +103,13 @@ def workspace(tmp_path_factory):
     for i, img in enumerate(sorted((lesions / "images").iterdir())):
         shutil.copy(img, isic / f"ISIC_{i:07d}.png")
         shutil.copy(lesions / "masks" / img.name, isic / f"ISIC_{i:07d}_segmentation.png")
-    for folder in ("images", "new_frames", "dermoscopy_folder"):
+    for folder in ("images", "new_frames", "dermoscopy_folder", "unlabeled_frames", "endoscopy_frames", "site_a",
+                   "slides"):
         shutil.copytree(polyps / "images", data / folder)
     (data / "kvasir").mkdir()
     _demo_datalist(polyps, data / "kvasir" / "datalist.json")
+    (data / "site_b").mkdir()
+    _demo_datalist(polyps, data / "site_b" / "datalist.json")
     _demo_datalist(lesions, data / "isic_seg.json")
     _medmnist_npz(data / "pneumoniamnist.npz")
     from medpmoe.data import get_task
@@ -187,7 +190,10 @@ def _prepare(argv: list[str], ws: Path) -> list[str]:
     module = out[out.index("-m") + 1] if "-m" in out else None
     if module in ("medpmoe.crossval", "medpmoe.cv") and "--k" in out:  # each fold is one more training
         out[out.index("--k") + 1] = str(min(int(out[out.index("--k") + 1]), K_FOLDS))
-    if module in ("monai.bundle",) and "run" in out or module in ("medpmoe.crossval", "medpmoe.cv"):
+    if module == "medpmoe.pretrain" or "bundles/pretrain_expert/train.json" in out:
+        given = {a[2:] for a in out if a.startswith("--")}
+        out += [x for k, v in PRETRAIN_TINY.items() if k not in given or k == "epochs" for x in (f"--{k}", str(v))]
+    elif module in ("monai.bundle",) and "run" in out or module in ("medpmoe.crossval", "medpmoe.cv"):
         out = _with_tiny_settings(out, ws)
     if "--datalist" in out and not _needs_weights(out):  # a datalist the docs made earlier in prose: a stand-in
         path = ws / out[out.index("--datalist") + 1]

@@ -51,8 +51,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_inputs(tmp_path):
     small, large = measure([4, 24], tmp_path, 600, 500, batch_size=4, same_process=True)
     assert (small["masks_written"], large["masks_written"]) == (4, 24)
     assert large["peak_rss_mib"] <= 1.2 * small["peak_rss_mib"], (small, large)
-    if small["peak_reset"]:
-        assert large["growth_mib"] <= small["growth_mib"] + 16, (small, large)
+    if small["peak_reset"]:  # allocator noise is tens of MB here; holding the 20 extra frames would add > 100
+        assert large["growth_mib"] <= small["growth_mib"] + 60, (small, large)
 
 
 SLOW_RUN = textwrap.dedent("""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_bundle_stops_on_a_misspelled_key(tmp_path):
     assert isinstance(cause, ConfigError) and "'epochss'" in str(cause)
 
 
-def test_a_bundle_config_naming_the_own_expert_passes_the_config_check(trained, monkeypatch):
+def test_a_bundle_config_naming_the_own_expert_passes_the_config_check(trained, monkeypatch, tmp_path):
     from monai.bundle import ConfigParser
 
     from medpmoe.bundle import ConfigError, check_parser
@@ -217,7 +218,12 @@ def test_a_bundle_config_naming_the_own_expert_passes_the_config_check(trained, 
     parser["experts"] = [{"name": "own", "checkpoint": res["expert"]}, {"name": "tiny_b"}]
     check_parser(parser)
     parser["experts"] = [{"name": "own", "checkpoint": res["expert"] + ".missing"}]
-    with pytest.raises(ConfigError, match="unknown expert 'own'"):  # no file, no record: the name alone is unknown
+    with pytest.raises(ConfigError, match=r"experts\[0\]\.checkpoint': no file at .*\.missing"):  # the file first
+        check_parser(parser)
+    bare = tmp_path / "expert.pt"
+    bare.write_bytes(Path(res["expert"]).read_bytes())  # the weights without their record
+    parser["experts"] = [{"name": "own", "checkpoint": str(bare)}]
+    with pytest.raises(ConfigError, match="unknown expert 'own'"):  # no record: the name alone is unknown
         check_parser(parser)
 
 
