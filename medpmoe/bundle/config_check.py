@@ -35,26 +35,24 @@ FILES = ("datalist", "folds_file", "eval_datalist")  # 'checkpoint' is checked w
 NULLABLE = {"grad_clip", "demo_kind"}  # null switches the feature off (demo_kind: no demo data)
 
 
-def _running_parser() -> ConfigParser | None:
-    """The ConfigParser evaluating the current expression (MONAI hands expressions no reference to it)."""
-    frame = sys._getframe(1)
+def _self_on_stack(kind: type, frame):
+    """The first `self` of type `kind` from `frame` outwards on the call stack, or None."""
     while frame is not None:
         owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigParser):
+        if isinstance(owner, kind):
             return owner
         frame = frame.f_back
     return None
+
+
+def _running_parser() -> ConfigParser | None:
+    """The ConfigParser evaluating the current expression (MONAI hands expressions no reference to it)."""
+    return _self_on_stack(ConfigParser, sys._getframe(1))
 
 
 def running_workflow():
     """The MONAI ConfigWorkflow whose config is being evaluated (found on the call stack), or None."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigWorkflow):
-            return owner
-        frame = frame.f_back
-    return None
+    return _self_on_stack(ConfigWorkflow, sys._getframe(1))
 
 
 def bundle_root() -> str:
