@@ -11,6 +11,7 @@ import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medpmoe.bundle import ConfigError, LossProgressBar, run_bundle
+from medpmoe.bundle.config_check import _strings
 from medpmoe.bundle.errors import summary_note
 from medpmoe.demo import demo_dir
 from tests.conftest import REPO_ROOT
@@ -18,17 +19,6 @@ from tests.helpers import bundle_command, bundle_env
 from tests.test_bundle_common import BUNDLES, TINY
 
 GENERATED = ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json")
-
-
-def _strings(node):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
 
 
 def test_generated_bundle_files_are_up_to_date():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from monai.bundle import ConfigParser, ConfigWorkflow
@@ -75,9 +76,10 @@ def check_config() -> None:
 
 
 def _strings(value):
+    """Every string inside a config value (dicts and lists walked)."""
     if isinstance(value, str):
         yield value
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
         for v in value.values():
             yield from _strings(v)
     elif isinstance(value, list):

@@ -31,6 +31,7 @@ from monai.bundle.properties import InferProperties
 from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY
 
+from medpmoe.bundle.config_check import _strings
 from medpmoe.bundle.errors import ConfigError, install_excepthook
 from medpmoe.files import atomic_write_text, file_sha256
 
@@ -85,17 +86,6 @@ def check_config() -> None:
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(f"config key 'expert_files': no file at {path} for expert {record['name']!r}")
     check_parser(parser, bundle_dir=configs)
-
-
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
 
 
 def _refs(value) -> set[str]:
